@@ -1,0 +1,113 @@
+# husk — see README.md. `make demo` boots a microVM; `make test` runs the tests.
+SHELL := /bin/bash
+.DEFAULT_GOAL := build
+
+CARGO ?= cargo
+GUEST_DIR := build/guest
+KERNEL := $(GUEST_DIR)/vmlinux
+INITRD := $(GUEST_DIR)/initrd.cpio
+HOST_TARGET := x86_64-unknown-linux-gnu
+# Built with the size-optimised `agent` profile (Cargo.toml says why).
+AGENT := target/$(HOST_TARGET)/agent/husk-agent
+VMM := target/release/husk-vmm
+SHIM := target/release/containerd-shim-husk-v2
+PREFIX ?= /usr/local
+
+# The agent is PID 1 of the guest: a static (static-pie) binary, with
+# libseccomp linked in statically (from Debian's libseccomp-dev).
+AGENT_RUSTFLAGS := -C target-feature=+crt-static
+AGENT_ENV := RUSTFLAGS="$(AGENT_RUSTFLAGS)" LIBSECCOMP_LINK_TYPE=static LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu
+TEST_INITRD := $(GUEST_DIR)/initrd-test.cpio
+TEST_EXTRA := $(GUEST_DIR)/test-extra
+
+export HUSK_KERNEL := $(abspath $(KERNEL))
+export HUSK_INITRD := $(abspath $(INITRD))
+export HUSK_VMM := $(abspath $(VMM))
+export HUSK_SHIM_DIR := $(abspath $(dir $(SHIM)))
+
+.PHONY: build guest guest-test kernel agent initrd vmm shim demo install test test-unit test-vm lint fmt bench bench-boot bench-start fuzz clean
+
+build: guest vmm shim
+
+## Guest image: kernel (cached outside the repo, see scripts/build-kernel.sh) + initramfs.
+guest: kernel initrd
+
+kernel:
+	scripts/build-kernel.sh $(KERNEL)
+
+agent:
+	$(AGENT_ENV) $(CARGO) build --profile agent --target $(HOST_TARGET) -p husk-agent
+
+initrd: agent
+	scripts/build-initrd.sh $(AGENT) $(INITRD)
+
+## The guest image plus a busybox rootfs at /testdata/busybox in the
+## initramfs, for the container tests in tests/tests/agent_vm.rs (until
+## virtio-fs brings container rootfses in). initrd.cpio itself stays lean.
+guest-test: kernel agent
+	rm -rf $(TEST_EXTRA)
+	scripts/busybox-rootfs.sh $(TEST_EXTRA)/testdata/busybox
+	scripts/build-initrd.sh $(AGENT) $(TEST_INITRD) $(TEST_EXTRA)
+
+vmm:
+	$(CARGO) build --release -p husk-hypervisor --bin husk-vmm
+
+## containerd-shim-husk-v2 and the `husk` admin tool.
+shim:
+	$(CARGO) build --release -p husk-shim
+
+## Start a private containerd, import a small local image and run a container
+## in a microVM with `ctr run --runtime io.containerd.husk.v2`.
+demo: build
+	$(CARGO) build --release -p husk-tests --bin husk-demo
+	@echo "== running a container in a husk microVM (on nested KVM this takes ~1 min)"
+	target/release/husk-demo
+
+## Install the shim, the tools, the guest image and the default config so a
+## stock containerd finds the runtime `io.containerd.husk.v2`.
+install: build
+	install -D -m 0755 $(SHIM) $(DESTDIR)$(PREFIX)/bin/containerd-shim-husk-v2
+	install -D -m 0755 target/release/husk $(DESTDIR)$(PREFIX)/bin/husk
+	install -D -m 0755 $(VMM) $(DESTDIR)$(PREFIX)/bin/husk-vmm
+	install -D -m 0644 $(KERNEL) $(DESTDIR)$(PREFIX)/share/husk/vmlinux
+	install -D -m 0644 $(INITRD) $(DESTDIR)$(PREFIX)/share/husk/initrd.cpio
+	install -D -m 0644 configs/husk.toml $(DESTDIR)$(PREFIX)/share/husk/husk.toml
+
+## Everything: unit tests, then the real-VM tests one at a time.
+test: guest lint test-unit test-vm
+
+test-unit:
+	$(CARGO) test --workspace --exclude husk-tests
+
+test-vm: guest guest-test vmm shim
+	$(CARGO) test -p husk-tests -- --test-threads=1
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+bench: bench-boot bench-start
+
+## Boot-to-agent-ready: husk-vmm vs qemu microvm, same kernel and initramfs.
+bench-boot: build
+	$(CARGO) build --release -p husk-tests --bin husk-bench
+	target/release/husk-bench boot --kernel $(KERNEL) --initrd $(INITRD) \
+		--vmm $(VMM) --runs $${RUNS:-5} --out bench/results/boot.json
+
+## Run every fuzz target for FUZZ_SECONDS each (needs cargo-fuzz and nightly).
+FUZZ_TARGETS := vsock_queues mmio_registers virtio_fs virtio_net
+fuzz:
+	cd fuzz && for t in $(FUZZ_TARGETS); do \
+		cargo +nightly fuzz run $$t -- -jobs=1 -max_total_time=$${FUZZ_SECONDS:-60} || exit 1; done
+
+clean:
+	$(CARGO) clean
+	rm -rf build
+
+## `ctr run --rm` latency, husk vs runc, and the shim's memory per container.
+bench-start: build
+	$(CARGO) build --release -p husk-tests --bin husk-bench
+	target/release/husk-bench start --runs $${RUNS:-5} --out bench/results/start.json

@@ -1,0 +1,439 @@
+//! The guest's network, over rtnetlink: interfaces (name, MAC, MTU, IP
+//! addresses, up/down) and the main routing table. Kata's agent is the
+//! model: the host tells the guest NIC the MAC/IP/routes that CNI gave the
+//! pod's interface on the host.
+
+use std::net::IpAddr;
+
+use futures_util::TryStreamExt;
+use husk_protocol::agent::{Interface, IpAddress, Route};
+use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
+use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+use rtnetlink::packet_route::route::{
+    RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope,
+};
+use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
+
+use crate::error::{Error, Result};
+
+const MAIN_TABLE: u8 = 254;
+
+fn nl_error(what: impl std::fmt::Display) -> impl FnOnce(rtnetlink::Error) -> Error {
+    move |e| Error::Internal(format!("{what}: {e}"))
+}
+
+/// A netlink connection for one request (its task ends with the handle).
+fn connect() -> Result<Handle> {
+    let (connection, handle, _) =
+        rtnetlink::new_connection().map_err(|e| Error::Internal(format!("netlink socket: {e}")))?;
+    tokio::spawn(connection);
+    Ok(handle)
+}
+
+fn mac_to_string(mac: &[u8]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// "aa:bb:cc:dd:ee:ff" → bytes.
+pub fn parse_mac(text: &str) -> Result<Vec<u8>> {
+    let bytes: Option<Vec<u8>> = text
+        .split(':')
+        .map(|b| {
+            (b.len() == 2)
+                .then(|| u8::from_str_radix(b, 16).ok())
+                .flatten()
+        })
+        .collect();
+    match bytes {
+        Some(b) if b.len() == 6 => Ok(b),
+        _ => Err(Error::InvalidArgument(format!("bad MAC address {text:?}"))),
+    }
+}
+
+fn parse_ip(text: &str, what: &str) -> Result<IpAddr> {
+    text.parse()
+        .map_err(|_| Error::InvalidArgument(format!("bad {what} {text:?}")))
+}
+
+struct Link {
+    index: u32,
+    name: String,
+    mac: Vec<u8>,
+    mtu: u32,
+    up: bool,
+}
+
+fn link_of(msg: &LinkMessage) -> Link {
+    let mut link = Link {
+        index: msg.header.index,
+        name: String::new(),
+        mac: Vec::new(),
+        mtu: 0,
+        up: msg.header.flags.contains(LinkFlags::Up),
+    };
+    for attr in &msg.attributes {
+        match attr {
+            LinkAttribute::IfName(n) => link.name = n.clone(),
+            LinkAttribute::Address(a) => link.mac = a.clone(),
+            LinkAttribute::Mtu(m) => link.mtu = *m,
+            _ => {}
+        }
+    }
+    link
+}
+
+async fn links(handle: &Handle) -> Result<Vec<Link>> {
+    let msgs: Vec<LinkMessage> = handle
+        .link()
+        .get()
+        .execute()
+        .try_collect()
+        .await
+        .map_err(nl_error("list links"))?;
+    Ok(msgs.iter().map(link_of).collect())
+}
+
+fn address_of(msg: &AddressMessage) -> Option<IpAddr> {
+    let mut address = None;
+    for attr in &msg.attributes {
+        match attr {
+            // For IPv4, Local is the interface's own address.
+            AddressAttribute::Local(ip) => return Some(*ip),
+            AddressAttribute::Address(ip) => address = Some(*ip),
+            _ => {}
+        }
+    }
+    address
+}
+
+async fn addresses(handle: &Handle, index: u32) -> Result<Vec<AddressMessage>> {
+    handle
+        .address()
+        .get()
+        .set_link_index_filter(index)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(nl_error(format!("list addresses of link {index}")))
+}
+
+async fn interface(handle: &Handle, link: &Link) -> Result<Interface> {
+    let mut out = Interface::new();
+    out.name = link.name.clone();
+    out.hw_addr = mac_to_string(&link.mac);
+    out.mtu = link.mtu;
+    out.up = link.up;
+    for msg in addresses(handle, link.index).await? {
+        if let Some(ip) = address_of(&msg) {
+            let mut a = IpAddress::new();
+            a.address = ip.to_string();
+            a.prefix_len = u32::from(msg.header.prefix_len);
+            out.addresses.push(a);
+        }
+    }
+    Ok(out)
+}
+
+pub async fn list_interfaces() -> Result<Vec<Interface>> {
+    let handle = connect()?;
+    let mut out = Vec::new();
+    for link in links(&handle).await? {
+        out.push(interface(&handle, &link).await?);
+    }
+    Ok(out)
+}
+
+/// Brings `lo` up.
+pub async fn loopback_up() -> Result<()> {
+    let handle = connect()?;
+    let lo = links(&handle)
+        .await?
+        .into_iter()
+        .find(|l| l.name == "lo")
+        .ok_or_else(|| Error::Internal("no lo interface".into()))?;
+    handle
+        .link()
+        .set(LinkUnspec::new_with_index(lo.index).up().build())
+        .execute()
+        .await
+        .map_err(nl_error("set lo up"))
+}
+
+pub async fn update_interface(want: &Interface) -> Result<Interface> {
+    let mac = (!want.hw_addr.is_empty())
+        .then(|| parse_mac(&want.hw_addr))
+        .transpose()?;
+    let mut new_addresses = Vec::new();
+    for a in &want.addresses {
+        let ip = parse_ip(&a.address, "IP address")?;
+        let max = if ip.is_ipv4() { 32 } else { 128 };
+        let prefix = u8::try_from(a.prefix_len)
+            .ok()
+            .filter(|p| *p <= max)
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!("bad prefix length {} for {ip}", a.prefix_len))
+            })?;
+        new_addresses.push((ip, prefix));
+    }
+    let handle = connect()?;
+    let link = links(&handle)
+        .await?
+        .into_iter()
+        .find(|l| match &mac {
+            Some(mac) => &l.mac == mac,
+            None => l.name == want.name,
+        })
+        .ok_or_else(|| {
+            Error::NotFound(format!(
+                "no interface with {}",
+                if mac.is_some() {
+                    format!("MAC {}", want.hw_addr)
+                } else {
+                    format!("name {:?}", want.name)
+                }
+            ))
+        })?;
+    let what = format!("interface {}", link.name);
+
+    // Down first: a rename needs it, and addresses go on before it is up.
+    let mut msg = LinkUnspec::new_with_index(link.index).down();
+    if !want.name.is_empty() && want.name != link.name {
+        msg = msg.name(want.name.clone());
+    }
+    if want.mtu != 0 {
+        msg = msg.mtu(want.mtu);
+    }
+    handle
+        .link()
+        .set(msg.build())
+        .execute()
+        .await
+        .map_err(nl_error(format!("configure {what}")))?;
+    for old in addresses(&handle, link.index).await? {
+        handle
+            .address()
+            .del(old)
+            .execute()
+            .await
+            .map_err(nl_error(format!("remove an address of {what}")))?;
+    }
+    for (ip, prefix) in new_addresses {
+        handle
+            .address()
+            .add(link.index, ip, prefix)
+            .execute()
+            .await
+            .map_err(nl_error(format!("add {ip}/{prefix} to {what}")))?;
+    }
+    if want.up {
+        handle
+            .link()
+            .set(LinkUnspec::new_with_index(link.index).up().build())
+            .execute()
+            .await
+            .map_err(nl_error(format!("set {what} up")))?;
+    }
+    let now = links(&handle)
+        .await?
+        .into_iter()
+        .find(|l| l.index == link.index)
+        .ok_or_else(|| Error::Internal(format!("{what} disappeared")))?;
+    interface(&handle, &now).await
+}
+
+async fn route_messages(handle: &Handle) -> Result<Vec<RouteMessage>> {
+    let mut all: Vec<RouteMessage> = handle
+        .route()
+        .get(RouteMessageBuilder::<std::net::Ipv4Addr>::new().build())
+        .execute()
+        .try_collect()
+        .await
+        .map_err(nl_error("list IPv4 routes"))?;
+    let v6: Vec<RouteMessage> = handle
+        .route()
+        .get(RouteMessageBuilder::<std::net::Ipv6Addr>::new().build())
+        .execute()
+        .try_collect()
+        .await
+        .map_err(nl_error("list IPv6 routes"))?;
+    all.extend(v6);
+    Ok(all
+        .into_iter()
+        .filter(|m| m.header.table == MAIN_TABLE)
+        .collect())
+}
+
+fn route_ip(a: &RouteAddress) -> Option<IpAddr> {
+    match a {
+        RouteAddress::Inet(ip) => Some(IpAddr::V4(*ip)),
+        RouteAddress::Inet6(ip) => Some(IpAddr::V6(*ip)),
+        _ => None,
+    }
+}
+
+fn route_of(msg: &RouteMessage, names: &[(u32, String)]) -> Route {
+    let mut route = Route::new();
+    route.scope = u32::from(u8::from(msg.header.scope));
+    let mut dest = None;
+    for attr in &msg.attributes {
+        match attr {
+            RouteAttribute::Destination(a) => dest = route_ip(a),
+            RouteAttribute::Gateway(a) => {
+                route.gateway = route_ip(a).map(|i| i.to_string()).unwrap_or_default()
+            }
+            RouteAttribute::PrefSource(a) => {
+                route.source = route_ip(a).map(|i| i.to_string()).unwrap_or_default()
+            }
+            RouteAttribute::Oif(i) => {
+                route.device = names
+                    .iter()
+                    .find(|(idx, _)| idx == i)
+                    .map(|(_, n)| n.clone())
+                    .unwrap_or_default()
+            }
+            _ => {}
+        }
+    }
+    if let Some(dest) = dest {
+        route.dest = format!("{dest}/{}", msg.header.destination_prefix_length);
+    }
+    route
+}
+
+pub async fn list_routes() -> Result<Vec<Route>> {
+    let handle = connect()?;
+    let names: Vec<(u32, String)> = links(&handle)
+        .await?
+        .into_iter()
+        .map(|l| (l.index, l.name))
+        .collect();
+    Ok(route_messages(&handle)
+        .await?
+        .iter()
+        .map(|m| route_of(m, &names))
+        .collect())
+}
+
+fn build_route(route: &Route, links: &[Link]) -> Result<RouteMessage> {
+    let gateway = (!route.gateway.is_empty())
+        .then(|| parse_ip(&route.gateway, "gateway"))
+        .transpose()?;
+    let (dest, prefix) = if route.dest.is_empty() || route.dest == "default" {
+        let any = match gateway {
+            Some(IpAddr::V6(_)) => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+            _ => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+        };
+        (any, 0)
+    } else {
+        let (ip, len) = route.dest.split_once('/').unwrap_or((&route.dest, ""));
+        let ip = parse_ip(ip, "route destination")?;
+        let len = if len.is_empty() {
+            if ip.is_ipv4() {
+                32
+            } else {
+                128
+            }
+        } else {
+            len.parse().map_err(|_| {
+                Error::InvalidArgument(format!("bad route destination {:?}", route.dest))
+            })?
+        };
+        (ip, len)
+    };
+    // rtnetlink does not export its error type for these: format in place.
+    let invalid = |e: String| Error::InvalidArgument(format!("route to {:?}: {e}", route.dest));
+    let mut b = RouteMessageBuilder::<IpAddr>::new()
+        .destination_prefix(dest, prefix)
+        .map_err(|e| invalid(e.to_string()))?
+        .scope(RouteScope::from(u8::try_from(route.scope).map_err(
+            |_| Error::InvalidArgument(format!("bad route scope {}", route.scope)),
+        )?));
+    if let Some(gw) = gateway {
+        b = b.gateway(gw).map_err(|e| invalid(e.to_string()))?;
+    }
+    if !route.source.is_empty() {
+        b = b
+            .pref_source(parse_ip(&route.source, "route source")?)
+            .map_err(|e| invalid(e.to_string()))?;
+    }
+    if !route.device.is_empty() {
+        let link = links
+            .iter()
+            .find(|l| l.name == route.device)
+            .ok_or_else(|| Error::NotFound(format!("route device {:?} not found", route.device)))?;
+        b = b.output_interface(link.index);
+    }
+    Ok(b.build())
+}
+
+pub async fn update_routes(routes: &[Route]) -> Result<Vec<Route>> {
+    let handle = connect()?;
+    let links = links(&handle).await?;
+    let wanted = routes
+        .iter()
+        .map(|r| build_route(r, &links))
+        .collect::<Result<Vec<_>>>()?;
+    for old in route_messages(&handle).await? {
+        if old.header.protocol == RouteProtocol::Kernel {
+            // The kernel's own (connected subnets, IPv6 link-local) stay.
+            continue;
+        }
+        handle
+            .route()
+            .del(old)
+            .execute()
+            .await
+            .map_err(nl_error("remove a route"))?;
+    }
+    for (msg, route) in wanted.into_iter().zip(routes) {
+        handle
+            .route()
+            .add(msg)
+            .execute()
+            .await
+            .map_err(nl_error(format!("add route to {:?}", route.dest)))?;
+    }
+    list_routes().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn macs_parse_and_print() {
+        let mac = parse_mac("02:42:ac:11:00:02").unwrap();
+        assert_eq!(mac, [2, 0x42, 0xac, 0x11, 0, 2]);
+        assert_eq!(mac_to_string(&mac), "02:42:ac:11:00:02");
+        for bad in [
+            "",
+            "02:42",
+            "02:42:ac:11:00:zz",
+            "2:42:ac:11:00:02",
+            "02:42:ac:11:00:02:03",
+        ] {
+            assert!(parse_mac(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn routes_need_valid_addresses() {
+        let mut r = Route::new();
+        r.dest = "10.0.0.0/99".into();
+        assert!(build_route(&r, &[]).is_err());
+        r.dest = "10.0.0.0/24".into();
+        r.device = "nope0".into();
+        assert!(matches!(build_route(&r, &[]), Err(Error::NotFound(_))));
+        r.device.clear();
+        r.gateway = "not-an-ip".into();
+        assert!(matches!(
+            build_route(&r, &[]),
+            Err(Error::InvalidArgument(_))
+        ));
+        r.gateway = "10.0.0.1".into();
+        assert!(build_route(&r, &[]).is_ok());
+    }
+}

@@ -1,0 +1,356 @@
+//! husk's runtime configuration (`husk.toml`): parsing, defaults, lookup and
+//! validation. `configs/husk.toml` is the documented default.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Environment variable naming a config file to use instead of the defaults.
+pub const CONFIG_ENV: &str = "HUSK_CONFIG";
+/// The admin's config file.
+pub const SYSTEM_CONFIG: &str = "/etc/husk/husk.toml";
+
+/// Errors finding or reading the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid config {path}: {field}: {message}")]
+    Invalid {
+        path: PathBuf,
+        field: &'static str,
+        message: String,
+    },
+    #[error("no husk config found: set ${CONFIG_ENV}, create {SYSTEM_CONFIG}, or run `make install` (tried {tried})")]
+    NotFound { tried: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HypervisorConfig {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub vcpus: u8,
+    pub memory_mib: u64,
+    pub cpuid_hide: Vec<String>,
+    pub host_profile: String,
+    pub kernel_args: String,
+    pub console: String,
+}
+
+impl Default for HypervisorConfig {
+    fn default() -> Self {
+        Self {
+            kernel: "vmlinux".into(),
+            initrd: "initrd.cpio".into(),
+            vcpus: 1,
+            memory_mib: 256,
+            cpuid_hide: Vec::new(),
+            host_profile: "auto".into(),
+            kernel_args: String::new(),
+            console: "log".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    pub boot_timeout_secs: u64,
+    pub request_timeout_secs: u64,
+    pub log_level: String,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            boot_timeout_secs: 300,
+            request_timeout_secs: 120,
+            log_level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SharedFsConfig {
+    pub cache: String,
+    pub xattr: bool,
+}
+
+impl Default for SharedFsConfig {
+    fn default() -> Self {
+        Self {
+            cache: "auto".into(),
+            xattr: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    pub log_level: String,
+    pub state_dir: PathBuf,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            log_level: "info".into(),
+            state_dir: "/run/husk".into(),
+        }
+    }
+}
+
+/// The whole configuration. Paths are absolute after [`Config::load`].
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub hypervisor: HypervisorConfig,
+    pub agent: AgentConfig,
+    pub shared_fs: SharedFsConfig,
+    pub runtime: RuntimeConfig,
+    /// The file this was read from.
+    #[serde(skip)]
+    pub source: PathBuf,
+}
+
+const LOG_LEVELS: &[&str] = &["trace", "debug", "info", "warn", "error"];
+const HOST_PROFILES: &[&str] = &["auto", "native", "nested-pvm"];
+const CACHE_POLICIES: &[&str] = &["never", "metadata", "auto", "always"];
+
+fn one_of(
+    path: &Path,
+    field: &'static str,
+    value: &str,
+    allowed: &[&str],
+) -> Result<(), ConfigError> {
+    if allowed.contains(&value) {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid {
+            path: path.to_path_buf(),
+            field,
+            message: format!("{value:?} is not one of {}", allowed.join(", ")),
+        })
+    }
+}
+
+impl Config {
+    /// Parses `text` as read from `path`; relative paths in it are resolved
+    /// against `path`'s directory.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        config.source = path.to_path_buf();
+        let base = path.parent().unwrap_or(Path::new("/"));
+        for p in [
+            &mut config.hypervisor.kernel,
+            &mut config.hypervisor.initrd,
+            &mut config.runtime.state_dir,
+        ] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads and parses one file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// The file to use: `$HUSK_CONFIG`, else [`SYSTEM_CONFIG`], else the
+    /// installed default `<prefix>/share/husk/husk.toml` for a binary in
+    /// `<prefix>/bin`.
+    pub fn locate(env_value: Option<&str>, binary: Option<&Path>) -> Result<PathBuf, ConfigError> {
+        if let Some(path) = env_value.filter(|v| !v.is_empty()) {
+            // Named explicitly: use it even if missing, so the error says so.
+            return Ok(PathBuf::from(path));
+        }
+        let mut tried = vec![PathBuf::from(SYSTEM_CONFIG)];
+        if let Some(prefix) = binary.and_then(Path::parent).and_then(Path::parent) {
+            tried.push(prefix.join("share/husk/husk.toml"));
+        }
+        tried
+            .iter()
+            .find(|p| p.is_file())
+            .cloned()
+            .ok_or_else(|| ConfigError::NotFound {
+                tried: tried
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+    }
+
+    /// Finds and loads the configuration for this process.
+    pub fn discover() -> Result<Self, ConfigError> {
+        let env_value = std::env::var(CONFIG_ENV).ok();
+        let binary = std::env::current_exe().ok();
+        Self::load(&Self::locate(env_value.as_deref(), binary.as_deref())?)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let path = &self.source;
+        let invalid = |field, message: String| ConfigError::Invalid {
+            path: path.clone(),
+            field,
+            message,
+        };
+        if !(1..=8).contains(&self.hypervisor.vcpus) {
+            return Err(invalid("hypervisor.vcpus", "must be 1 to 8".into()));
+        }
+        if !(64..=1 << 20).contains(&self.hypervisor.memory_mib) {
+            return Err(invalid(
+                "hypervisor.memory_mib",
+                "must be 64 MiB to 1 TiB".into(),
+            ));
+        }
+        if self.agent.boot_timeout_secs == 0 || self.agent.request_timeout_secs == 0 {
+            return Err(invalid("agent", "timeouts must be positive".into()));
+        }
+        one_of(
+            path,
+            "hypervisor.host_profile",
+            &self.hypervisor.host_profile,
+            HOST_PROFILES,
+        )?;
+        one_of(path, "agent.log_level", &self.agent.log_level, LOG_LEVELS)?;
+        one_of(
+            path,
+            "runtime.log_level",
+            &self.runtime.log_level,
+            LOG_LEVELS,
+        )?;
+        one_of(
+            path,
+            "shared_fs.cache",
+            &self.shared_fs.cache,
+            CACHE_POLICIES,
+        )?;
+        Ok(())
+    }
+
+    /// Checks that the guest assets exist (done at VM start, not at parse
+    /// time, so `husk check` can report them separately).
+    pub fn check_guest_assets(&self) -> Result<(), ConfigError> {
+        for (field, p) in [
+            ("hypervisor.kernel", &self.hypervisor.kernel),
+            ("hypervisor.initrd", &self.hypervisor.initrd),
+        ] {
+            if !p.is_file() {
+                return Err(ConfigError::Invalid {
+                    path: self.source.clone(),
+                    field,
+                    message: format!(
+                        "{} does not exist (run `make guest` / `make install`)",
+                        p.display()
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DEFAULT: &str = include_str!("../../../configs/husk.toml");
+
+    #[test]
+    fn shipped_default_parses_to_the_built_in_defaults() {
+        let config = Config::parse(DEFAULT, Path::new("/opt/husk/share/husk/husk.toml")).unwrap();
+        let mut expected = Config {
+            source: "/opt/husk/share/husk/husk.toml".into(),
+            ..Default::default()
+        };
+        expected.hypervisor.kernel = "/opt/husk/share/husk/vmlinux".into();
+        expected.hypervisor.initrd = "/opt/husk/share/husk/initrd.cpio".into();
+        assert_eq!(config, expected);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_named() {
+        let path = Path::new("/etc/husk/husk.toml");
+        let e = Config::parse("[hypervisor]\nvcpu = 2\n", path)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("vcpu") && e.contains("/etc/husk/husk.toml"),
+            "{e}"
+        );
+        let e = Config::parse("[hypervisor]\nvcpus = 0\n", path)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("hypervisor.vcpus"), "{e}");
+        let e = Config::parse("[shared_fs]\ncache = \"sometimes\"\n", path)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("shared_fs.cache") && e.contains("sometimes"),
+            "{e}"
+        );
+        let e = Config::parse("[nonsense]\n", path).unwrap_err().to_string();
+        assert!(e.contains("nonsense"), "{e}");
+    }
+
+    #[test]
+    fn absolute_paths_are_kept() {
+        let config = Config::parse(
+            "[hypervisor]\nkernel = \"/boot/vmlinux\"\n",
+            Path::new("/etc/husk/husk.toml"),
+        )
+        .unwrap();
+        assert_eq!(config.hypervisor.kernel, Path::new("/boot/vmlinux"));
+        assert_eq!(config.hypervisor.initrd, Path::new("/etc/husk/initrd.cpio"));
+    }
+
+    #[test]
+    fn lookup_order() {
+        assert_eq!(
+            Config::locate(Some("/x/husk.toml"), None).unwrap(),
+            Path::new("/x/husk.toml")
+        );
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("bin")).unwrap();
+        std::fs::create_dir_all(dir.path().join("share/husk")).unwrap();
+        let installed = dir.path().join("share/husk/husk.toml");
+        std::fs::write(&installed, "").unwrap();
+        let binary = dir.path().join("bin/containerd-shim-husk-v2");
+        if !Path::new(SYSTEM_CONFIG).exists() {
+            assert_eq!(Config::locate(None, Some(&binary)).unwrap(), installed);
+            std::fs::remove_file(&installed).unwrap();
+            let e = Config::locate(None, Some(&binary)).unwrap_err().to_string();
+            assert!(
+                e.contains(SYSTEM_CONFIG) && e.contains("share/husk/husk.toml"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn missing_guest_assets_are_named() {
+        let config = Config::parse("", Path::new("/nonexistent/husk.toml")).unwrap();
+        let e = config.check_guest_assets().unwrap_err().to_string();
+        assert!(e.contains("/nonexistent/vmlinux"), "{e}");
+    }
+}

@@ -1,0 +1,258 @@
+//! husk-vmm: boots one microVM in the foreground, for debugging and
+//! benchmarks. Exits with the guest (status 0 for poweroff/reboot/stop).
+//!
+//! ```text
+//! husk-vmm --kernel vmlinux --initrd initrd.cpio --vcpus 1 --memory 256 \
+//!          --vsock-uds /tmp/vm.vsock --console /tmp/console.log [--agent-check]
+//! ```
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use husk_hypervisor::cpuid::CpuidPolicy;
+use husk_hypervisor::{
+    metrics, ConsoleOutput, ExitReason, HostProfileSetting, Vm, VmConfig, VsockConfig,
+};
+use husk_protocol::agent::{CheckRequest, ShutdownRequest};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "husk-vmm",
+    version,
+    about = "Boot a husk microVM in the foreground"
+)]
+struct Args {
+    /// Guest kernel: an uncompressed ELF vmlinux.
+    #[arg(long)]
+    kernel: PathBuf,
+    /// Guest initramfs (uncompressed newc cpio).
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    #[arg(long, default_value_t = 1)]
+    vcpus: u8,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 256)]
+    memory: u64,
+    /// Hybrid vsock Unix socket (the guest gets CID --vsock-cid).
+    #[arg(long)]
+    vsock_uds: Option<PathBuf>,
+    #[arg(long, default_value_t = 3)]
+    vsock_cid: u64,
+    /// Guest console: a file path, `log` (into this process's log) or `none`.
+    #[arg(long, default_value = "none")]
+    console: String,
+    /// Extra guest kernel arguments.
+    #[arg(long, default_value = "")]
+    cmdline: String,
+    /// auto (detect), native or nested-pvm.
+    #[arg(long, default_value = "auto")]
+    host_profile: HostProfileSetting,
+    /// CPU features to hide from the guest (comma separated, e.g. avx512f,rdrand).
+    #[arg(long, value_delimiter = ',')]
+    hide_cpuid: Vec<String>,
+    /// Wait for the agent, print its health answer, then shut the VM down.
+    #[arg(long, requires = "vsock_uds")]
+    agent_check: bool,
+    /// How long --agent-check waits for the agent, in seconds.
+    #[arg(long, default_value_t = 300)]
+    agent_timeout: u64,
+    /// Write a JSON report of the VMM's own costs here on exit.
+    #[arg(long)]
+    report: Option<PathBuf>,
+}
+
+fn console_output(spec: &str) -> ConsoleOutput {
+    match spec {
+        "none" => ConsoleOutput::Discard,
+        "log" => ConsoleOutput::Log,
+        path => ConsoleOutput::File(path.into()),
+    }
+}
+
+/// Measurements taken while the VM runs, for --report.
+#[derive(Default)]
+struct Report {
+    agent_ready_at: Option<Instant>,
+    kernel_release: Option<String>,
+    rss_at_ready: Option<u64>,
+    cpu_at_ready: Option<Duration>,
+}
+
+fn main() -> ExitCode {
+    let process_start = Instant::now();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HUSK_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    match run(&args, process_start) {
+        Ok(reason @ ExitReason::Crashed(_)) => {
+            eprintln!("husk-vmm: guest {reason}");
+            ExitCode::FAILURE
+        }
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("husk-vmm: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &Args, process_start: Instant) -> Result<ExitReason, String> {
+    let mut config = VmConfig::new(&args.kernel);
+    config.initrd = args.initrd.clone();
+    config.vcpus = args.vcpus;
+    config.memory_mib = args.memory;
+    config.console = console_output(&args.console);
+    config.extra_cmdline = args.cmdline.clone();
+    config.host_profile = args.host_profile;
+    config.cpuid = CpuidPolicy {
+        hide: args.hide_cpuid.clone(),
+    };
+    config.vsock = args.vsock_uds.as_ref().map(|uds| VsockConfig {
+        guest_cid: args.vsock_cid,
+        uds_path: uds.clone(),
+    });
+
+    // The agent connects out to the host's log port as soon as it starts:
+    // listen before the guest boots.
+    let _guest_log = match &args.vsock_uds {
+        Some(uds) => Some(husk_vsock::GuestLogReceiver::bind(uds).map_err(|e| {
+            format!(
+                "cannot listen for guest logs next to {}: {e}",
+                uds.display()
+            )
+        })?),
+        None => None,
+    };
+
+    let mut vm = Vm::start(&config).map_err(|e| e.to_string())?;
+    let stop = vm.stop_handle();
+    let signals = spawn_signal_watcher(stop)?;
+
+    let mut report = Report::default();
+    let reason = if args.agent_check {
+        let uds = args.vsock_uds.clone().unwrap_or_default();
+        let result = agent_check(&uds, Duration::from_secs(args.agent_timeout), &mut report);
+        report.rss_at_ready = metrics::rss_excluding(&vm.guest_memory_host_ranges()).ok();
+        report.cpu_at_ready = Some(vmm_cpu(&vm));
+        match result {
+            Ok(()) => match vm.wait_timeout(Some(Duration::from_secs(60))) {
+                Some(reason) => reason,
+                None => {
+                    let _ = vm.stop();
+                    return Err("the guest did not power off within 60 s of Shutdown".into());
+                }
+            },
+            Err(e) => {
+                let reason = vm.stop();
+                return Err(format!("agent check failed: {e} (VM: {reason})"));
+            }
+        }
+    } else {
+        vm.wait()
+    };
+    drop(signals);
+    tracing::info!("VM ended: {reason}");
+
+    if let Some(path) = &args.report {
+        write_report(path, &vm, &reason, &report, process_start)?;
+    }
+    Ok(reason)
+}
+
+fn vmm_cpu(vm: &Vm) -> Duration {
+    metrics::non_vcpu_thread_cpu() + vm.vmm_stats().exit_cpu
+}
+
+/// Connects to the agent, prints its health answer and asks it to power off.
+fn agent_check(
+    uds: &std::path::Path,
+    timeout: Duration,
+    report: &mut Report,
+) -> Result<(), String> {
+    let started = Instant::now();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start async runtime: {e}"))?;
+    runtime.block_on(async {
+        let client = husk_vsock::agent_client(uds, timeout)
+            .await
+            .map_err(|e| e.to_string())?;
+        let rpc_timeout = ttrpc::context::with_timeout(Duration::from_secs(30).as_nanos() as i64);
+        let health = client
+            .check(rpc_timeout.clone(), &CheckRequest::new())
+            .await
+            .map_err(|e| format!("Check RPC: {e}"))?;
+        report.agent_ready_at = Some(Instant::now());
+        report.kernel_release = Some(health.kernel_release.clone());
+        println!(
+            "agent ready after {:.1} s: guest kernel {}, husk-agent {}",
+            started.elapsed().as_secs_f64(),
+            health.kernel_release,
+            health.agent_version
+        );
+        client
+            .shutdown(rpc_timeout, &ShutdownRequest::new())
+            .await
+            .map_err(|e| format!("Shutdown RPC: {e}"))?;
+        Ok(())
+    })
+}
+
+fn write_report(
+    path: &std::path::Path,
+    vm: &Vm,
+    reason: &ExitReason,
+    report: &Report,
+    process_start: Instant,
+) -> Result<(), String> {
+    let stats = vm.vmm_stats();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    // Vm::start began right after argument parsing; the difference to
+    // process start is this binary's own startup.
+    let json = serde_json::json!({
+        "exit_reason": reason.to_string(),
+        "host_profile": vm.host_profile().name(),
+        "vm_start_to_first_kvm_run_ms": stats.start_to_first_run.map(ms),
+        "process_uptime_ms": ms(process_start.elapsed()),
+        "process_start_to_agent_ready_ms": report
+            .agent_ready_at
+            .map(|t| ms(t.duration_since(process_start))),
+        "guest_kernel_release": report.kernel_release,
+        "vmm_rss_excluding_guest_bytes_at_ready": report.rss_at_ready,
+        "vmm_cpu_ms_at_ready": report.cpu_at_ready.map(ms),
+        "vmm_cpu_ms_total": ms(vmm_cpu(vm)),
+        "exits": stats.exits,
+        "exit_handling_cpu_ms": ms(stats.exit_cpu),
+    });
+    std::fs::write(path, format!("{json:#}\n"))
+        .map_err(|e| format!("cannot write report {}: {e}", path.display()))
+}
+
+/// Stops the VM on SIGINT/SIGTERM so the guest is torn down cleanly.
+fn spawn_signal_watcher(
+    stop: husk_hypervisor::vm::StopHandle,
+) -> Result<std::thread::JoinHandle<()>, String> {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGTERM);
+    set.thread_block()
+        .map_err(|e| format!("cannot block signals: {e}"))?;
+    std::thread::Builder::new()
+        .name("husk-signals".into())
+        .spawn(move || {
+            if let Ok(sig) = set.wait() {
+                tracing::info!("{sig}: stopping the VM");
+                stop.stop();
+            }
+        })
+        .map_err(|e| format!("cannot start signal thread: {e}"))
+}

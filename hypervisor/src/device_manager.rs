@@ -1,0 +1,130 @@
+//! Places virtio-mmio devices: a window and a GSI each, an irqfd for the
+//! interrupt, an ioeventfd per queue, a slot on the MMIO bus, and an entry
+//! for the DSDT.
+
+use std::sync::{Arc, Mutex};
+
+use kvm_ioctls::{IoEventAddress, VmFd};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::acpi::MmioDeviceAcpi;
+use crate::bus::{lock, Bus, BusError};
+use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::{Interrupt, VirtioDevice};
+use crate::layout::*;
+
+/// QueueNotify register offset in the virtio-mmio window.
+const QUEUE_NOTIFY_OFFSET: u64 = 0x50;
+
+/// Errors adding a device.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceManagerError {
+    /// All MMIO windows or GSIs are taken.
+    #[error("no room for another virtio device (at most {0})")]
+    Full(u64),
+    /// An eventfd could not be created.
+    #[error("cannot create eventfd for {device}: {source}")]
+    EventFd {
+        device: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// KVM refused the irqfd or an ioeventfd.
+    #[error("cannot register {what} for {device} with KVM: {source}")]
+    Kvm {
+        device: &'static str,
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// The transport could not be created.
+    #[error("cannot create virtio-mmio transport for {device}: {source}")]
+    Transport {
+        device: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Bus(#[from] BusError),
+}
+
+/// The virtio devices of one VM.
+#[derive(Default)]
+pub struct DeviceManager {
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
+    acpi: Vec<MmioDeviceAcpi>,
+}
+
+impl DeviceManager {
+    /// Adds `device` (named `name` in errors and logs) to the VM.
+    pub fn add_virtio(
+        &mut self,
+        vm: &VmFd,
+        mem: &GuestMemoryMmap,
+        mmio_bus: &mut Bus,
+        name: &'static str,
+        device: Box<dyn VirtioDevice>,
+    ) -> Result<(), DeviceManagerError> {
+        let index = self.transports.len() as u64;
+        let max_by_gsi = u64::from(LAST_DEVICE_GSI - FIRST_DEVICE_GSI + 1);
+        let max = VIRTIO_MMIO_MAX_DEVICES.min(max_by_gsi);
+        if index >= max {
+            return Err(DeviceManagerError::Full(max));
+        }
+        let base = VIRTIO_MMIO_START + index * VIRTIO_MMIO_SIZE;
+        let gsi = FIRST_DEVICE_GSI + index as u32;
+
+        let irqfd = EventFd::new(EFD_NONBLOCK).map_err(|source| DeviceManagerError::EventFd {
+            device: name,
+            source,
+        })?;
+        vm.register_irqfd(&irqfd, gsi)
+            .map_err(|source| DeviceManagerError::Kvm {
+                device: name,
+                what: "irqfd",
+                source,
+            })?;
+        let interrupt = Arc::new(Interrupt::new(irqfd));
+        let transport = MmioTransport::new(mem.clone(), device, interrupt).map_err(|source| {
+            DeviceManagerError::Transport {
+                device: name,
+                source,
+            }
+        })?;
+        for (queue, evt) in transport.queue_events().iter().enumerate() {
+            vm.register_ioevent(
+                evt,
+                &IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET),
+                queue as u32,
+            )
+            .map_err(|source| DeviceManagerError::Kvm {
+                device: name,
+                what: "queue ioeventfd",
+                source,
+            })?;
+        }
+        let transport = Arc::new(Mutex::new(transport));
+        mmio_bus.insert(transport.clone(), base, VIRTIO_MMIO_SIZE)?;
+        tracing::debug!("virtio {name} at {base:#x}, gsi {gsi}");
+        self.transports.push(transport);
+        self.acpi.push(MmioDeviceAcpi {
+            base,
+            len: VIRTIO_MMIO_SIZE,
+            gsi,
+        });
+        Ok(())
+    }
+
+    /// The devices as the DSDT describes them.
+    pub fn acpi_devices(&self) -> &[MmioDeviceAcpi] {
+        &self.acpi
+    }
+
+    /// Stops every device's worker. Idempotent.
+    pub fn shutdown(&self) {
+        for transport in &self.transports {
+            lock(transport).shutdown();
+        }
+    }
+}

@@ -1,0 +1,180 @@
+//! COM1 (16550A via vm-superio) with its output going to a console sink.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::path::PathBuf;
+
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::bus::BusDevice;
+
+/// Where the guest console goes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum ConsoleOutput {
+    /// Dropped.
+    #[default]
+    Discard,
+    /// Appended to a file (created if missing).
+    File(PathBuf),
+    /// Re-emitted line by line through `tracing` (target `husk::console`).
+    Log,
+}
+
+/// Raises the serial interrupt through an irqfd.
+pub struct IrqfdTrigger(pub EventFd);
+
+impl Trigger for IrqfdTrigger {
+    type E = io::Error;
+    fn trigger(&self) -> io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// Longest line kept before it is emitted anyway: the guest decides what it
+/// prints, so the buffer must not grow with it.
+const MAX_LINE: usize = 4096;
+
+/// Line-buffers console bytes. vm-superio flushes after every byte; writing
+/// per line keeps host syscalls (and log records) per line instead.
+pub struct ConsoleSink {
+    target: SinkTarget,
+    line: Vec<u8>,
+}
+
+enum SinkTarget {
+    Discard,
+    File(File),
+    Log,
+}
+
+impl ConsoleSink {
+    pub fn open(output: &ConsoleOutput) -> io::Result<Self> {
+        let target = match output {
+            ConsoleOutput::Discard => SinkTarget::Discard,
+            ConsoleOutput::File(path) => {
+                SinkTarget::File(File::options().create(true).append(true).open(path)?)
+            }
+            ConsoleOutput::Log => SinkTarget::Log,
+        };
+        Ok(Self {
+            target,
+            line: Vec::new(),
+        })
+    }
+
+    fn emit_line(&mut self) {
+        match &mut self.target {
+            SinkTarget::Discard => {}
+            SinkTarget::File(f) => {
+                if let Err(e) = f.write_all(&self.line) {
+                    tracing::warn!("console file write failed: {e}");
+                }
+            }
+            SinkTarget::Log => {
+                let text = String::from_utf8_lossy(&self.line);
+                let text = text.trim_end_matches(['\r', '\n']);
+                if !text.is_empty() {
+                    tracing::info!(target: "husk::console", "{text}");
+                }
+            }
+        }
+        self.line.clear();
+    }
+}
+
+impl Write for ConsoleSink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if matches!(self.target, SinkTarget::Discard) {
+            return Ok(buf.len());
+        }
+        for &b in buf {
+            self.line.push(b);
+            if b == b'\n' || self.line.len() >= MAX_LINE {
+                self.emit_line();
+            }
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for ConsoleSink {
+    fn drop(&mut self) {
+        if !self.line.is_empty() {
+            self.emit_line();
+        }
+    }
+}
+
+/// COM1 on the port I/O bus.
+pub struct SerialDevice {
+    serial: Serial<IrqfdTrigger, vm_superio::serial::NoEvents, ConsoleSink>,
+}
+
+impl SerialDevice {
+    pub fn new(irqfd: EventFd, sink: ConsoleSink) -> Self {
+        Self {
+            serial: Serial::new(IrqfdTrigger(irqfd), sink),
+        }
+    }
+}
+
+impl BusDevice for SerialDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if let (Ok(offset), Some(first)) = (u8::try_from(offset), data.first_mut()) {
+            *first = self.serial.read(offset);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let (Ok(offset), Some(&value)) = (u8::try_from(offset), data.first()) {
+            if let Err(e) = self.serial.write(offset, value) {
+                tracing::warn!("serial write failed: {e}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn console_file_gets_whole_lines_and_bounded_ones() {
+        let path = std::env::temp_dir().join(format!("husk-console-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        {
+            let sink = ConsoleSink::open(&ConsoleOutput::File(path.clone())).unwrap();
+            let mut dev = SerialDevice::new(EventFd::new(0).unwrap(), sink);
+            for b in b"hello\npartial" {
+                dev.write(0, &[*b]);
+            }
+            assert_eq!(std::fs::read(&path).unwrap(), b"hello\n");
+            for _ in 0..MAX_LINE + 10 {
+                dev.write(0, b"x");
+            }
+            assert_eq!(std::fs::read(&path).unwrap().len(), 6 + MAX_LINE);
+        }
+        // Drop flushes the partial line.
+        assert_eq!(std::fs::read(&path).unwrap().len(), 6 + MAX_LINE + 17);
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn odd_accesses_do_not_panic() {
+        let sink = ConsoleSink::open(&ConsoleOutput::Discard).unwrap();
+        let mut dev = SerialDevice::new(EventFd::new(0).unwrap(), sink);
+        dev.write(1000, &[1]);
+        dev.write(0, &[]);
+        let mut empty = [];
+        dev.read(0, &mut empty);
+        let mut wide = [0xffu8; 4];
+        dev.read(5, &mut wide);
+        assert_eq!(&wide[1..], &[0, 0, 0]);
+    }
+}

@@ -1,0 +1,894 @@
+//! The virtio-mmio transport, version 2 ("modern", virtio 1.x §4.2.2).
+//!
+//! The driver negotiates features and describes its queues through 32-bit
+//! registers; the transport keeps that configuration as plain values and only
+//! turns it into `Queue`s, validated against guest memory, when the driver
+//! sets DRIVER_OK. Everything here is guest-controlled: bad accesses are
+//! logged and ignored, never trusted and never a panic.
+
+use std::io;
+use std::sync::Arc;
+
+use tracing::{debug, warn};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::{
+    ActivateContext, ActivateError, ActiveQueue, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1,
+};
+use crate::bus::BusDevice;
+
+/// "virt" in little endian.
+const MAGIC_VALUE: u32 = 0x7472_6976;
+const MMIO_VERSION: u32 = 2;
+/// "HUSK" in little endian; drivers do not interpret it.
+const VENDOR_ID: u32 = 0x4b53_5548;
+
+/// Register offsets (virtio 1.2 §4.2.2, table "MMIO Device Register Layout").
+mod reg {
+    pub const MAGIC_VALUE: u64 = 0x000;
+    pub const VERSION: u64 = 0x004;
+    pub const DEVICE_ID: u64 = 0x008;
+    pub const VENDOR_ID: u64 = 0x00c;
+    pub const DEVICE_FEATURES: u64 = 0x010;
+    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
+    pub const DRIVER_FEATURES: u64 = 0x020;
+    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
+    pub const QUEUE_SEL: u64 = 0x030;
+    pub const QUEUE_NUM_MAX: u64 = 0x034;
+    pub const QUEUE_NUM: u64 = 0x038;
+    pub const QUEUE_READY: u64 = 0x044;
+    pub const QUEUE_NOTIFY: u64 = 0x050;
+    pub const INTERRUPT_STATUS: u64 = 0x060;
+    pub const INTERRUPT_ACK: u64 = 0x064;
+    pub const STATUS: u64 = 0x070;
+    pub const QUEUE_DESC_LOW: u64 = 0x080;
+    pub const QUEUE_DESC_HIGH: u64 = 0x084;
+    pub const QUEUE_DRIVER_LOW: u64 = 0x090;
+    pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
+    pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
+    pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+    pub const SHM_SEL: u64 = 0x0ac;
+    pub const SHM_LEN_LOW: u64 = 0x0b0;
+    pub const SHM_BASE_HIGH: u64 = 0x0bc;
+    pub const CONFIG_GENERATION: u64 = 0x0fc;
+    pub const CONFIG: u64 = 0x100;
+}
+
+/// Device status bits (virtio 1.2 §2.1).
+pub const STATUS_ACKNOWLEDGE: u32 = 0x01;
+pub const STATUS_DRIVER: u32 = 0x02;
+pub const STATUS_DRIVER_OK: u32 = 0x04;
+pub const STATUS_FEATURES_OK: u32 = 0x08;
+pub const STATUS_DEVICE_NEEDS_RESET: u32 = 0x40;
+pub const STATUS_FAILED: u32 = 0x80;
+
+/// Why the transport could not start the device at DRIVER_OK.
+#[derive(Debug, thiserror::Error)]
+pub enum MmioError {
+    /// Queue {ready} is ready but queue {unready} before it is not; devices
+    /// get their queues as a dense list, so a hole cannot be expressed.
+    #[error("queue {ready} is ready but queue {unready} before it is not")]
+    QueueGap { ready: usize, unready: usize },
+    /// The driver configured queue {index} with size {size} (max {max}).
+    #[error("queue {index}: size {size} is zero, not a power of two, or above {max}")]
+    QueueSize { index: usize, size: u16, max: u16 },
+    /// The driver gave queue {index} a misaligned ring address.
+    #[error("queue {index}: misaligned {ring} address {addr:#x}")]
+    QueueAlign {
+        index: usize,
+        ring: &'static str,
+        addr: u64,
+    },
+    /// Queue {index}'s rings do not lie inside guest memory.
+    #[error("queue {index}: rings are outside guest memory")]
+    QueueRange { index: usize },
+    /// Duplicating queue {index}'s notify eventfd failed.
+    #[error("queue {index}: cloning notify eventfd: {source}")]
+    Eventfd {
+        index: usize,
+        #[source]
+        source: io::Error,
+    },
+    /// The device refused to start.
+    #[error("device activation failed: {0}")]
+    Activate(#[from] ActivateError),
+}
+
+/// One queue as the driver described it, before validation.
+#[derive(Clone, Copy, Debug, Default)]
+struct QueueConfig {
+    max_size: u16,
+    size: u16,
+    ready: bool,
+    desc: u64,
+    driver: u64,
+    device: u64,
+}
+
+impl QueueConfig {
+    fn new(max_size: u16) -> Self {
+        Self {
+            max_size,
+            // virtio-mmio: the size defaults to the maximum until the driver writes QueueNum.
+            size: max_size,
+            ..Self::default()
+        }
+    }
+
+    fn to_queue(self, index: usize, mem: &GuestMemoryMmap) -> Result<Queue, MmioError> {
+        let size_err = || MmioError::QueueSize {
+            index,
+            size: self.size,
+            max: self.max_size,
+        };
+        let mut q = Queue::new(self.max_size).map_err(|_| size_err())?;
+        q.try_set_size(self.size).map_err(|_| size_err())?;
+        let align = |ring, addr| MmioError::QueueAlign { index, ring, addr };
+        q.try_set_desc_table_address(GuestAddress(self.desc))
+            .map_err(|_| align("descriptor table", self.desc))?;
+        q.try_set_avail_ring_address(GuestAddress(self.driver))
+            .map_err(|_| align("driver (avail) ring", self.driver))?;
+        q.try_set_used_ring_address(GuestAddress(self.device))
+            .map_err(|_| align("device (used) ring", self.device))?;
+        q.set_ready(true);
+        if !q.is_valid(mem) {
+            return Err(MmioError::QueueRange { index });
+        }
+        Ok(q)
+    }
+}
+
+/// A virtio device behind a virtio-mmio register window.
+pub struct MmioTransport {
+    mem: GuestMemoryMmap,
+    device: Box<dyn VirtioDevice>,
+    interrupt: Arc<Interrupt>,
+    queue_evts: Vec<EventFd>,
+    queues: Vec<QueueConfig>,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    status: u32,
+}
+
+impl MmioTransport {
+    /// `interrupt` carries the irqfd the device manager registered with KVM for this device's GSI.
+    pub fn new(
+        mem: GuestMemoryMmap,
+        device: Box<dyn VirtioDevice>,
+        interrupt: Arc<Interrupt>,
+    ) -> io::Result<Self> {
+        let queue_evts = device
+            .queue_max_sizes()
+            .iter()
+            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .collect::<io::Result<Vec<_>>>()?;
+        let queues = device
+            .queue_max_sizes()
+            .iter()
+            .map(|&max| QueueConfig::new(max))
+            .collect();
+        Ok(Self {
+            mem,
+            device,
+            interrupt,
+            queue_evts,
+            queues,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            queue_sel: 0,
+            status: 0,
+        })
+    }
+
+    /// One eventfd per queue (index = queue index). The device manager registers each with KVM
+    /// as an ioeventfd on MMIO address base+0x50 (QueueNotify) with datamatch = queue index.
+    pub fn queue_events(&self) -> &[EventFd] {
+        &self.queue_evts
+    }
+
+    /// Stops the device (calls VirtioDevice::reset); used at VM teardown.
+    pub fn shutdown(&mut self) {
+        self.reset();
+    }
+
+    fn reset(&mut self) {
+        self.device.reset();
+        for q in &mut self.queues {
+            *q = QueueConfig::new(q.max_size);
+        }
+        // A kick left over from before the reset must not look like a new one.
+        for evt in &self.queue_evts {
+            let _ = evt.read();
+        }
+        self.interrupt.ack(u32::MAX);
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.driver_features = 0;
+        self.queue_sel = 0;
+        self.status = 0;
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut QueueConfig> {
+        let sel = self.queue_sel as usize;
+        let q = self.queues.get_mut(sel);
+        if q.is_none() {
+            warn!(
+                queue = sel,
+                "virtio-mmio: access to a queue that does not exist"
+            );
+        }
+        q
+    }
+
+    /// Queue registers may only change between FEATURES_OK and DRIVER_OK, and
+    /// (except QueueReady) only while the queue is not ready.
+    fn queue_for_config(&mut self, register: u64) -> Option<&mut QueueConfig> {
+        let configuring = self.status & STATUS_FEATURES_OK != 0
+            && self.status & (STATUS_DRIVER_OK | STATUS_FAILED | STATUS_DEVICE_NEEDS_RESET) == 0;
+        if !configuring {
+            warn!(
+                register,
+                status = self.status,
+                "virtio-mmio: queue register written outside queue setup"
+            );
+            return None;
+        }
+        let q = self.selected_queue()?;
+        if q.ready && register != reg::QUEUE_READY {
+            warn!(
+                register,
+                "virtio-mmio: queue register written while queue is ready"
+            );
+            return None;
+        }
+        Some(q)
+    }
+
+    fn read_reg(&self, offset: u64) -> u32 {
+        let queue = self.queues.get(self.queue_sel as usize);
+        match offset {
+            reg::MAGIC_VALUE => MAGIC_VALUE,
+            reg::VERSION => MMIO_VERSION,
+            reg::DEVICE_ID => self.device.device_type(),
+            reg::VENDOR_ID => VENDOR_ID,
+            reg::DEVICE_FEATURES => match self.device_features_sel {
+                0 => self.device.avail_features() as u32,
+                1 => (self.device.avail_features() >> 32) as u32,
+                _ => 0,
+            },
+            reg::QUEUE_NUM_MAX => queue.map_or(0, |q| u32::from(q.max_size)),
+            reg::QUEUE_READY => queue.map_or(0, |q| u32::from(q.ready)),
+            reg::INTERRUPT_STATUS => self.interrupt.status(),
+            reg::STATUS => self.status,
+            // No shared memory regions: their length and base read as all ones (§4.2.2).
+            reg::SHM_LEN_LOW..=reg::SHM_BASE_HIGH => u32::MAX,
+            // No device changes its configuration space while running.
+            reg::CONFIG_GENERATION => 0,
+            _ => 0,
+        }
+    }
+
+    fn write_reg(&mut self, offset: u64, v: u32) {
+        match offset {
+            reg::DEVICE_FEATURES_SEL => self.device_features_sel = v,
+            reg::DRIVER_FEATURES_SEL => self.driver_features_sel = v,
+            reg::DRIVER_FEATURES => self.write_driver_features(v),
+            reg::QUEUE_SEL => self.queue_sel = v,
+            reg::QUEUE_NUM => {
+                if let Some(q) = self.queue_for_config(offset) {
+                    match u16::try_from(v) {
+                        Ok(size) if size.is_power_of_two() && size <= q.max_size => q.size = size,
+                        _ => {
+                            warn!(
+                                size = v,
+                                max = q.max_size,
+                                "virtio-mmio: invalid queue size"
+                            );
+                            // Remembered as invalid (0) so that DRIVER_OK fails instead of
+                            // running the queue with a size the driver did not choose.
+                            q.size = 0;
+                        }
+                    }
+                }
+            }
+            reg::QUEUE_READY => {
+                if let Some(q) = self.queue_for_config(offset) {
+                    q.ready = v == 1;
+                }
+            }
+            reg::QUEUE_NOTIFY => match self.queue_evts.get(v as usize) {
+                Some(evt) => {
+                    if let Err(e) = evt.write(1) {
+                        warn!(queue = v, "virtio-mmio: cannot signal queue eventfd: {e}");
+                    }
+                }
+                None => warn!(
+                    queue = v,
+                    "virtio-mmio: notify for a queue that does not exist"
+                ),
+            },
+            reg::INTERRUPT_ACK => self.interrupt.ack(v),
+            reg::STATUS => self.write_status(v),
+            reg::QUEUE_DESC_LOW..=reg::QUEUE_DEVICE_HIGH => self.write_queue_addr(offset, v),
+            reg::SHM_SEL => {}
+            _ => warn!(
+                offset,
+                "virtio-mmio: write to a read-only or undefined register"
+            ),
+        }
+    }
+
+    fn write_driver_features(&mut self, v: u32) {
+        if self.status != STATUS_ACKNOWLEDGE | STATUS_DRIVER {
+            warn!(
+                status = self.status,
+                "virtio-mmio: driver features written outside negotiation"
+            );
+            return;
+        }
+        let v = u64::from(v);
+        match self.driver_features_sel {
+            0 => self.driver_features = (self.driver_features & !0xffff_ffff) | v,
+            1 => self.driver_features = (self.driver_features & 0xffff_ffff) | (v << 32),
+            sel => warn!(sel, "virtio-mmio: driver features page does not exist"),
+        }
+    }
+
+    fn write_queue_addr(&mut self, offset: u64, v: u32) {
+        let Some(q) = self.queue_for_config(offset) else {
+            return;
+        };
+        let (field, high) = match offset {
+            reg::QUEUE_DESC_LOW => (&mut q.desc, false),
+            reg::QUEUE_DESC_HIGH => (&mut q.desc, true),
+            reg::QUEUE_DRIVER_LOW => (&mut q.driver, false),
+            reg::QUEUE_DRIVER_HIGH => (&mut q.driver, true),
+            reg::QUEUE_DEVICE_LOW => (&mut q.device, false),
+            reg::QUEUE_DEVICE_HIGH => (&mut q.device, true),
+            _ => {
+                warn!(offset, "virtio-mmio: write to an undefined register");
+                return;
+            }
+        };
+        let v = u64::from(v);
+        *field = if high {
+            (*field & 0xffff_ffff) | (v << 32)
+        } else {
+            (*field & !0xffff_ffff) | v
+        };
+    }
+
+    fn write_status(&mut self, v: u32) {
+        if v == 0 {
+            debug!("virtio-mmio: driver reset the device");
+            self.reset();
+            return;
+        }
+        if v & STATUS_FAILED != 0 {
+            warn!(status = v, "virtio-mmio: driver gave up on the device");
+            self.status |= STATUS_FAILED;
+            return;
+        }
+        let old = self.status;
+        if v & old != old {
+            warn!(
+                old,
+                new = v,
+                "virtio-mmio: driver cleared status bits without a reset"
+            );
+            return;
+        }
+        const ACK: u32 = STATUS_ACKNOWLEDGE;
+        const ACK_DRV: u32 = ACK | STATUS_DRIVER;
+        const ACK_DRV_FEAT: u32 = ACK_DRV | STATUS_FEATURES_OK;
+        match (old, v & !old) {
+            (_, 0) => {}
+            (0, ACK) | (ACK, STATUS_DRIVER) => self.status = v,
+            (ACK_DRV, STATUS_FEATURES_OK) => {
+                let offered = self.device.avail_features();
+                let unknown = self.driver_features & !offered;
+                if unknown != 0 || self.driver_features & VIRTIO_F_VERSION_1 == 0 {
+                    // Leaving FEATURES_OK clear is how the device refuses (§3.1.1).
+                    warn!(
+                        acked = self.driver_features,
+                        offered, "virtio-mmio: driver features refused"
+                    );
+                } else {
+                    self.status = v;
+                }
+            }
+            (ACK_DRV_FEAT, STATUS_DRIVER_OK) => {
+                self.status = v;
+                if let Err(e) = self.activate() {
+                    warn!("virtio-mmio: {e}");
+                    self.status |= STATUS_DEVICE_NEEDS_RESET;
+                    if let Err(e) = self.interrupt.signal_config_change() {
+                        warn!("virtio-mmio: cannot signal config change: {e}");
+                    }
+                }
+            }
+            _ => warn!(
+                old,
+                new = v,
+                "virtio-mmio: invalid device status transition"
+            ),
+        }
+    }
+
+    fn activate(&mut self) -> Result<(), MmioError> {
+        let mut queues = Vec::new();
+        let mut first_unready = None;
+        for (index, cfg) in self.queues.iter().enumerate() {
+            if !cfg.ready {
+                first_unready.get_or_insert(index);
+                continue;
+            }
+            if let Some(unready) = first_unready {
+                return Err(MmioError::QueueGap {
+                    ready: index,
+                    unready,
+                });
+            }
+            let queue = cfg.to_queue(index, &self.mem)?;
+            let notify = self.queue_evts[index]
+                .try_clone()
+                .map_err(|source| MmioError::Eventfd { index, source })?;
+            queues.push(ActiveQueue { queue, notify });
+        }
+        debug!(
+            device = self.device.device_type(),
+            queues = queues.len(),
+            "virtio-mmio: activating device"
+        );
+        self.device.activate(ActivateContext {
+            mem: self.mem.clone(),
+            acked_features: self.driver_features,
+            queues,
+            interrupt: self.interrupt.clone(),
+        })?;
+        Ok(())
+    }
+}
+
+impl BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if offset >= reg::CONFIG {
+            self.device.read_config(offset - reg::CONFIG, data);
+            return;
+        }
+        if data.len() != 4 || offset & 3 != 0 {
+            warn!(
+                offset,
+                len = data.len(),
+                "virtio-mmio: register read that is not 4 bytes wide and aligned"
+            );
+            return;
+        }
+        data.copy_from_slice(&self.read_reg(offset).to_le_bytes());
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= reg::CONFIG {
+            self.device.write_config(offset - reg::CONFIG, data);
+            return;
+        }
+        let Ok(bytes) = <[u8; 4]>::try_from(data) else {
+            warn!(
+                offset,
+                len = data.len(),
+                "virtio-mmio: register write that is not 4 bytes wide"
+            );
+            return;
+        };
+        if offset & 3 != 0 {
+            warn!(offset, "virtio-mmio: misaligned register write");
+            return;
+        }
+        self.write_reg(offset, u32::from_le_bytes(bytes));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use virtio_queue::mock::MockSplitQueue;
+
+    /// A queue as the device got it: (size, desc, avail, used).
+    type QueueSeen = (u16, u64, u64, u64);
+
+    /// What the fake device saw: per activation, the acked features and its queues.
+    #[derive(Default)]
+    struct Seen {
+        activations: Vec<(u64, Vec<QueueSeen>)>,
+        resets: usize,
+    }
+
+    struct FakeDevice {
+        seen: Arc<Mutex<Seen>>,
+        fail: bool,
+    }
+
+    const FAKE_FEATURES: u64 = VIRTIO_F_VERSION_1 | 0b101;
+
+    impl VirtioDevice for FakeDevice {
+        fn device_type(&self) -> u32 {
+            42
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16, 8]
+        }
+        fn avail_features(&self) -> u64 {
+            FAKE_FEATURES
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            for (i, b) in data.iter_mut().enumerate() {
+                *b = (offset as u8).wrapping_add(i as u8).wrapping_add(0x10);
+            }
+        }
+        fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+        fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+            if self.fail {
+                return Err(ActivateError::AlreadyActive);
+            }
+            let queues = ctx
+                .queues
+                .iter()
+                .map(|q| {
+                    let q = &q.queue;
+                    (q.size(), q.desc_table(), q.avail_ring(), q.used_ring())
+                })
+                .collect();
+            self.seen
+                .lock()
+                .unwrap()
+                .activations
+                .push((ctx.acked_features, queues));
+            Ok(())
+        }
+        fn reset(&mut self) {
+            self.seen.lock().unwrap().resets += 1;
+        }
+    }
+
+    struct Rig {
+        t: MmioTransport,
+        seen: Arc<Mutex<Seen>>,
+        irq: Arc<Interrupt>,
+        mem: GuestMemoryMmap,
+    }
+
+    fn rig(fail: bool) -> Rig {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let irq = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+        let dev = FakeDevice {
+            seen: seen.clone(),
+            fail,
+        };
+        let t = MmioTransport::new(mem.clone(), Box::new(dev), irq.clone()).unwrap();
+        Rig { t, seen, irq, mem }
+    }
+
+    fn w(t: &mut MmioTransport, offset: u64, v: u32) {
+        t.write(offset, &v.to_le_bytes());
+    }
+
+    fn r(t: &mut MmioTransport, offset: u64) -> u32 {
+        let mut b = [0xffu8; 4];
+        t.read(offset, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    /// ACKNOWLEDGE, DRIVER, features, FEATURES_OK; returns the status read back.
+    fn negotiate(t: &mut MmioTransport, features: u64) -> u32 {
+        w(t, reg::STATUS, STATUS_ACKNOWLEDGE);
+        w(t, reg::STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        w(t, reg::DRIVER_FEATURES_SEL, 1);
+        w(t, reg::DRIVER_FEATURES, (features >> 32) as u32);
+        w(t, reg::DRIVER_FEATURES_SEL, 0);
+        w(t, reg::DRIVER_FEATURES, features as u32);
+        w(
+            t,
+            reg::STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
+        r(t, reg::STATUS)
+    }
+
+    fn setup_queue(t: &mut MmioTransport, index: u32, size: u32, desc: u64, avail: u64, used: u64) {
+        w(t, reg::QUEUE_SEL, index);
+        w(t, reg::QUEUE_NUM, size);
+        for (low, v) in [
+            (reg::QUEUE_DESC_LOW, desc),
+            (reg::QUEUE_DRIVER_LOW, avail),
+            (reg::QUEUE_DEVICE_LOW, used),
+        ] {
+            w(t, low, v as u32);
+            w(t, low + 4, (v >> 32) as u32);
+        }
+        w(t, reg::QUEUE_READY, 1);
+    }
+
+    const FEAT_OK: u32 = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK;
+
+    #[test]
+    fn identifies_itself_and_reads_undefined_registers_as_zero() {
+        let Rig { mut t, .. } = rig(false);
+        assert_eq!(r(&mut t, reg::MAGIC_VALUE), 0x7472_6976);
+        assert_eq!(r(&mut t, reg::VERSION), 2);
+        assert_eq!(r(&mut t, reg::DEVICE_ID), 42);
+        assert_eq!(r(&mut t, reg::VENDOR_ID), VENDOR_ID);
+        for undefined in [0x018, 0x040, 0x0c0, 0x0f8] {
+            assert_eq!(r(&mut t, undefined), 0, "offset {undefined:#x}");
+        }
+        // Write-only registers read as zero too.
+        assert_eq!(r(&mut t, reg::QUEUE_NOTIFY), 0);
+        assert_eq!(
+            r(&mut t, reg::SHM_LEN_LOW),
+            u32::MAX,
+            "no shared memory regions"
+        );
+        w(&mut t, reg::QUEUE_SEL, 1);
+        assert_eq!(r(&mut t, reg::QUEUE_NUM_MAX), 8);
+        w(&mut t, reg::QUEUE_SEL, 7);
+        assert_eq!(r(&mut t, reg::QUEUE_NUM_MAX), 0, "missing queue");
+        // Registers are 32-bit: other widths and misaligned offsets read as zero.
+        let mut two = [0xffu8; 2];
+        t.read(reg::MAGIC_VALUE, &mut two);
+        assert_eq!(two, [0, 0]);
+        assert_eq!(r(&mut t, reg::MAGIC_VALUE + 1), 0);
+        let mut eight = [0xffu8; 8];
+        t.read(reg::MAGIC_VALUE, &mut eight);
+        assert_eq!(eight, [0; 8]);
+        // The config space takes any width and goes to the device.
+        let mut cfg = [0u8; 3];
+        t.read(reg::CONFIG + 2, &mut cfg);
+        assert_eq!(cfg, [0x12, 0x13, 0x14]);
+    }
+
+    #[test]
+    fn feature_negotiation_refuses_unknown_or_legacy_drivers() {
+        let Rig { mut t, seen, .. } = rig(false);
+        w(&mut t, reg::DEVICE_FEATURES_SEL, 0);
+        assert_eq!(r(&mut t, reg::DEVICE_FEATURES), 0b101);
+        w(&mut t, reg::DEVICE_FEATURES_SEL, 1);
+        assert_eq!(r(&mut t, reg::DEVICE_FEATURES), 1, "VERSION_1 is bit 32");
+        w(&mut t, reg::DEVICE_FEATURES_SEL, 2);
+        assert_eq!(r(&mut t, reg::DEVICE_FEATURES), 0);
+
+        // A feature the device does not offer: FEATURES_OK stays clear.
+        let st = negotiate(&mut t, VIRTIO_F_VERSION_1 | 0b10);
+        assert_eq!(st, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        w(&mut t, reg::STATUS, 0);
+        // A legacy driver (no VERSION_1) is refused as well.
+        let st = negotiate(&mut t, 0b1);
+        assert_eq!(st, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        w(&mut t, reg::STATUS, 0);
+
+        assert_eq!(negotiate(&mut t, VIRTIO_F_VERSION_1 | 0b100), FEAT_OK);
+        // Too late to change features now.
+        w(&mut t, reg::DRIVER_FEATURES_SEL, 0);
+        w(&mut t, reg::DRIVER_FEATURES, 0b1);
+        setup_queue(&mut t, 0, 16, 0x1000, 0x2000, 0x3000);
+        w(&mut t, reg::STATUS, FEAT_OK | STATUS_DRIVER_OK);
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.activations.len(), 1);
+        assert_eq!(seen.activations[0].0, VIRTIO_F_VERSION_1 | 0b100);
+    }
+
+    #[test]
+    fn driver_ok_activates_the_device_with_the_configured_queues() {
+        let Rig {
+            mut t, seen, mem, ..
+        } = rig(false);
+        assert_eq!(negotiate(&mut t, VIRTIO_F_VERSION_1), FEAT_OK);
+        // Lay the rings out the way a driver would, with the mock driver's layout.
+        let q0 = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), 16);
+        let q1 = MockSplitQueue::create(&mem, GuestAddress(0x2_0000), 4);
+        setup_queue(
+            &mut t,
+            0,
+            16,
+            q0.desc_table_addr().0,
+            q0.avail_addr().0,
+            q0.used_addr().0,
+        );
+        setup_queue(
+            &mut t,
+            1,
+            4,
+            q1.desc_table_addr().0,
+            q1.avail_addr().0,
+            q1.used_addr().0,
+        );
+        w(&mut t, reg::QUEUE_SEL, 1);
+        assert_eq!(r(&mut t, reg::QUEUE_READY), 1);
+        w(&mut t, reg::STATUS, FEAT_OK | STATUS_DRIVER_OK);
+        assert_eq!(r(&mut t, reg::STATUS), FEAT_OK | STATUS_DRIVER_OK);
+        {
+            let seen = seen.lock().unwrap();
+            assert_eq!(seen.activations.len(), 1);
+            let queues = &seen.activations[0].1;
+            assert_eq!(
+                queues,
+                &vec![
+                    (
+                        16,
+                        q0.desc_table_addr().0,
+                        q0.avail_addr().0,
+                        q0.used_addr().0
+                    ),
+                    (
+                        4,
+                        q1.desc_table_addr().0,
+                        q1.avail_addr().0,
+                        q1.used_addr().0
+                    ),
+                ]
+            );
+        }
+        // Queue setup is over: later writes are ignored.
+        w(&mut t, reg::QUEUE_SEL, 1);
+        w(&mut t, reg::QUEUE_READY, 0);
+        assert_eq!(r(&mut t, reg::QUEUE_READY), 1);
+        // Rewriting the same status does not activate twice.
+        w(&mut t, reg::STATUS, FEAT_OK | STATUS_DRIVER_OK);
+        assert_eq!(seen.lock().unwrap().activations.len(), 1);
+
+        // A QueueNotify that reaches user space kicks that queue's eventfd.
+        w(&mut t, reg::QUEUE_NOTIFY, 1);
+        assert_eq!(t.queue_events()[1].read().unwrap(), 1);
+        assert!(
+            t.queue_events()[0].read().is_err(),
+            "queue 0 was not kicked"
+        );
+        w(&mut t, reg::QUEUE_NOTIFY, 9);
+        assert!(t.queue_events()[0].read().is_err());
+        assert!(t.queue_events()[1].read().is_err());
+    }
+
+    #[test]
+    fn high_address_halves_are_assembled_and_checked_against_memory() {
+        let Rig { mut t, irq, .. } = rig(false);
+        negotiate(&mut t, VIRTIO_F_VERSION_1);
+        // The high half puts the descriptor table at 4 GiB + 0x1000: outside guest memory.
+        setup_queue(&mut t, 0, 16, (1 << 32) | 0x1000, 0x2000, 0x3000);
+        w(&mut t, reg::STATUS, FEAT_OK | STATUS_DRIVER_OK);
+        let st = r(&mut t, reg::STATUS);
+        assert_ne!(st & STATUS_DEVICE_NEEDS_RESET, 0);
+        assert_ne!(irq.status() & super::super::VIRTIO_MMIO_INT_CONFIG, 0);
+        assert_eq!(irq.irqfd().read().unwrap(), 1);
+    }
+
+    fn assert_activation_fails(configure: impl FnOnce(&mut MmioTransport)) {
+        let Rig {
+            mut t, seen, irq, ..
+        } = rig(false);
+        negotiate(&mut t, VIRTIO_F_VERSION_1);
+        configure(&mut t);
+        w(&mut t, reg::STATUS, FEAT_OK | STATUS_DRIVER_OK);
+        assert_ne!(r(&mut t, reg::STATUS) & STATUS_DEVICE_NEEDS_RESET, 0);
+        assert_ne!(r(&mut t, reg::INTERRUPT_STATUS) & 2, 0);
+        assert!(seen.lock().unwrap().activations.is_empty());
+        // The driver acknowledges and resets; the device is usable again.
+        w(&mut t, reg::INTERRUPT_ACK, 2);
+        assert_eq!(irq.status(), 0);
+        w(&mut t, reg::STATUS, 0);
+        assert_eq!(r(&mut t, reg::STATUS), 0);
+    }
+
+    #[test]
+    fn invalid_queues_fail_activation_with_needs_reset() {
+        // Not a power of two.
+        assert_activation_fails(|t| setup_queue(t, 0, 3, 0x1000, 0x2000, 0x3000));
+        // Above the maximum.
+        assert_activation_fails(|t| setup_queue(t, 1, 16, 0x1000, 0x2000, 0x3000));
+        // Zero.
+        assert_activation_fails(|t| setup_queue(t, 0, 0, 0x1000, 0x2000, 0x3000));
+        // Misaligned descriptor table (16-byte alignment) and used ring (4).
+        assert_activation_fails(|t| setup_queue(t, 0, 16, 0x1008, 0x2000, 0x3000));
+        assert_activation_fails(|t| setup_queue(t, 0, 16, 0x1000, 0x2000, 0x3002));
+        // Used ring runs past the end of memory.
+        assert_activation_fails(|t| setup_queue(t, 0, 16, 0x1000, 0x2000, 0xf_fff0));
+        // Queue 1 ready, queue 0 not: cannot be expressed to the device.
+        assert_activation_fails(|t| setup_queue(t, 1, 8, 0x1000, 0x2000, 0x3000));
+    }
+
+    #[test]
+    fn a_device_that_fails_to_start_sets_needs_reset() {
+        let Rig { mut t, irq, .. } = rig(true);
+        negotiate(&mut t, VIRTIO_F_VERSION_1);
+        setup_queue(&mut t, 0, 16, 0x1000, 0x2000, 0x3000);
+        w(&mut t, reg::STATUS, FEAT_OK | STATUS_DRIVER_OK);
+        assert_ne!(r(&mut t, reg::STATUS) & STATUS_DEVICE_NEEDS_RESET, 0);
+        assert_eq!(irq.irqfd().read().unwrap(), 1);
+    }
+
+    #[test]
+    fn status_zero_resets_device_and_transport() {
+        let Rig {
+            mut t, seen, irq, ..
+        } = rig(false);
+        negotiate(&mut t, VIRTIO_F_VERSION_1 | 1);
+        setup_queue(&mut t, 0, 8, 0x1000, 0x2000, 0x3000);
+        w(&mut t, reg::STATUS, FEAT_OK | STATUS_DRIVER_OK);
+        irq.signal_used_queue().unwrap();
+        w(&mut t, reg::QUEUE_NOTIFY, 0);
+        assert_eq!(r(&mut t, reg::INTERRUPT_STATUS), 1);
+
+        w(&mut t, reg::STATUS, 0);
+        assert_eq!(r(&mut t, reg::STATUS), 0);
+        assert_eq!(r(&mut t, reg::INTERRUPT_STATUS), 0);
+        assert_eq!(r(&mut t, reg::QUEUE_READY), 0);
+        assert!(t.queue_events()[0].read().is_err(), "stale kick dropped");
+        assert_eq!(seen.lock().unwrap().resets, 1);
+
+        // A fresh negotiation and activation work, with fresh values.
+        negotiate(&mut t, VIRTIO_F_VERSION_1);
+        setup_queue(&mut t, 0, 16, 0x4000, 0x5000, 0x6000);
+        w(&mut t, reg::STATUS, FEAT_OK | STATUS_DRIVER_OK);
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.activations.len(), 2);
+        assert_eq!(seen.activations[1].0, VIRTIO_F_VERSION_1);
+        assert_eq!(seen.activations[1].1, vec![(16, 0x4000, 0x5000, 0x6000)]);
+    }
+
+    #[test]
+    fn out_of_order_status_and_misplaced_writes_are_ignored() {
+        let Rig { mut t, seen, .. } = rig(false);
+        // DRIVER before ACKNOWLEDGE; DRIVER_OK before FEATURES_OK.
+        w(&mut t, reg::STATUS, STATUS_DRIVER);
+        assert_eq!(r(&mut t, reg::STATUS), 0);
+        w(&mut t, reg::STATUS, STATUS_ACKNOWLEDGE);
+        w(&mut t, reg::STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        // Queue registers before FEATURES_OK are ignored.
+        setup_queue(&mut t, 0, 16, 0x1000, 0x2000, 0x3000);
+        assert_eq!(r(&mut t, reg::QUEUE_READY), 0);
+        w(
+            &mut t,
+            reg::STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_DRIVER_OK,
+        );
+        assert_eq!(r(&mut t, reg::STATUS), STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        // Clearing bits without a reset is refused.
+        w(&mut t, reg::STATUS, STATUS_ACKNOWLEDGE);
+        assert_eq!(r(&mut t, reg::STATUS), STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        // Narrow and misaligned register writes are ignored.
+        t.write(reg::STATUS, &[STATUS_FEATURES_OK as u8 | 3]);
+        t.write(reg::STATUS, &u64::from(FEAT_OK).to_le_bytes());
+        t.write(reg::STATUS + 2, &FEAT_OK.to_le_bytes());
+        assert_eq!(r(&mut t, reg::STATUS), STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        // FAILED is always accepted; nothing was activated.
+        w(&mut t, reg::STATUS, STATUS_FAILED);
+        assert_ne!(r(&mut t, reg::STATUS) & STATUS_FAILED, 0);
+        assert!(seen.lock().unwrap().activations.is_empty());
+    }
+
+    #[test]
+    fn arbitrary_accesses_never_panic() {
+        let Rig { mut t, .. } = rig(false);
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let offset = (x >> 8) % 0x140;
+            let len = [0usize, 1, 2, 3, 4, 8][(x % 6) as usize];
+            let bytes = x.to_le_bytes();
+            if x & 0x100 != 0 {
+                t.write(offset, &bytes[..len]);
+            } else {
+                let mut buf = vec![0u8; len];
+                t.read(offset, &mut buf);
+            }
+        }
+        t.shutdown();
+    }
+}

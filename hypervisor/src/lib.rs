@@ -1,0 +1,24 @@
+//! husk's VMM: boots a Linux guest on KVM with virtio-mmio devices.
+//!
+//! Layout follows Firecracker's `src/vmm`: one module per concern, every
+//! virtio device behind [`devices::virtio::VirtioDevice`], one `thiserror`
+//! enum per module. [`vm::Vm`] is the entry point.
+
+pub mod acpi;
+pub mod boot;
+pub mod bus;
+pub mod cpuid;
+pub mod device_manager;
+pub mod devices;
+pub mod exit;
+pub mod host;
+pub mod layout;
+pub mod memory;
+pub mod metrics;
+pub mod vcpu;
+pub mod vm;
+
+pub use devices::legacy::serial::ConsoleOutput;
+pub use exit::ExitReason;
+pub use host::{HostProfile, HostProfileSetting};
+pub use vm::{Vm, VmConfig, VmError, VsockConfig};

@@ -1,0 +1,503 @@
+//! A running microVM: built from a [`VmConfig`], owned by a [`Vm`] whose
+//! drop (or [`Vm::stop`]) tears everything down: vCPU threads, device
+//! workers, sockets and memory.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::boot::{self, BootInputs};
+use crate::bus::Bus;
+use crate::cpuid::{self, CpuidPolicy};
+use crate::device_manager::DeviceManager;
+use crate::devices::legacy::power::{AcpiPowerPorts, I8042};
+use crate::devices::legacy::serial::{ConsoleOutput, ConsoleSink, SerialDevice};
+use crate::devices::virtio::fs::{CachePolicy, Fs, FsOptions};
+use crate::devices::virtio::vsock::Vsock;
+use crate::exit::{ExitReason, ExitSignal};
+use crate::host::{HostProfile, HostProfileSetting};
+use crate::layout::*;
+use crate::vcpu::{self, Vcpu, VcpuStats};
+use crate::{acpi, memory};
+
+/// Kernel arguments every husk guest gets. `quiet` because every console
+/// byte is a port I/O exit; `panic=-1` so a guest panic ends the VM at once;
+/// `pci=off` because all devices are virtio-mmio (PCI is built in for ACPI).
+pub const BASE_CMDLINE: &str = "console=ttyS0 panic=-1 quiet pci=off";
+
+/// The full guest kernel command line for a host profile.
+pub fn guest_cmdline(profile: HostProfile, extra: &str) -> String {
+    [BASE_CMDLINE, profile.kernel_args(), extra]
+        .iter()
+        .filter(|s| !s.is_empty())
+        .copied()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The guest's vsock device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockConfig {
+    /// The guest's context ID (3 or more).
+    pub guest_cid: u64,
+    /// Host side: the Unix socket the VMM listens on (`CONNECT <port>`),
+    /// and the prefix of `<path>_<port>` for guest-initiated connections.
+    pub uds_path: PathBuf,
+}
+
+/// A host directory shared with the guest over virtio-fs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedFsConfig {
+    /// The tag the guest mounts (`mount -t virtiofs <tag> <dir>`).
+    pub tag: String,
+    pub dir: PathBuf,
+    /// never, auto or always.
+    pub cache: String,
+    pub xattr: bool,
+}
+
+/// Everything needed to start a VM.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Uncompressed ELF vmlinux.
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    /// Extra kernel arguments, appended to [`BASE_CMDLINE`] and the host
+    /// profile's arguments.
+    pub extra_cmdline: String,
+    pub vcpus: u8,
+    pub memory_mib: u64,
+    pub cpuid: CpuidPolicy,
+    pub host_profile: HostProfileSetting,
+    pub console: ConsoleOutput,
+    pub vsock: Option<VsockConfig>,
+    pub shared_fs: Option<SharedFsConfig>,
+}
+
+impl VmConfig {
+    pub fn new(kernel: impl Into<PathBuf>) -> Self {
+        Self {
+            kernel: kernel.into(),
+            initrd: None,
+            extra_cmdline: String::new(),
+            vcpus: 1,
+            memory_mib: 256,
+            cpuid: CpuidPolicy::default(),
+            host_profile: HostProfileSetting::Auto,
+            console: ConsoleOutput::Discard,
+            vsock: None,
+            shared_fs: None,
+        }
+    }
+}
+
+/// Most vCPUs a guest can have (the guest kernel is built with NR_CPUS=8).
+pub const MAX_VCPUS: u8 = 8;
+/// vsock CIDs 0-2 are reserved (hypervisor, local, host).
+const MIN_GUEST_CID: u64 = 3;
+
+/// Errors starting a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("invalid VM configuration: {0}")]
+    Config(String),
+    #[error("cannot open /dev/kvm (is KVM enabled, and may this user use it?): {0}")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    #[error("KVM {what} failed: {source}")]
+    Kvm {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error(transparent)]
+    Memory(#[from] memory::MemoryError),
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    #[error(transparent)]
+    Regs(#[from] boot::regs::RegsError),
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
+    #[error(transparent)]
+    Cpuid(#[from] cpuid::CpuidError),
+    #[error(transparent)]
+    Devices(#[from] crate::device_manager::DeviceManagerError),
+    #[error("cannot set up vsock at {path}: {source}")]
+    Vsock {
+        path: PathBuf,
+        #[source]
+        source: crate::devices::virtio::vsock::VsockError,
+    },
+    #[error("cannot set up the shared directory: {0}")]
+    SharedFs(#[from] crate::devices::virtio::fs::FsError),
+    #[error(transparent)]
+    Bus(#[from] crate::bus::BusError),
+    #[error("cannot open console output: {0}")]
+    Console(#[source] std::io::Error),
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> VmError {
+    move |source| VmError::Io { what, source }
+}
+
+/// What the VMM itself cost, as opposed to the guest.
+#[derive(Debug, Clone)]
+pub struct VmmStats {
+    /// From the start of [`Vm::start`] to the first KVM_RUN.
+    pub start_to_first_run: Option<Duration>,
+    /// Exits handled in user space, and the CPU time spent on them.
+    pub exits: u64,
+    pub exit_cpu: Duration,
+}
+
+/// Stops a VM from another thread.
+#[derive(Clone)]
+pub struct StopHandle(Arc<ExitSignal>);
+
+impl StopHandle {
+    pub fn stop(&self) {
+        self.0.request(ExitReason::Stopped);
+    }
+}
+
+/// A running VM.
+pub struct Vm {
+    profile: HostProfile,
+    exit: Arc<ExitSignal>,
+    stop: Arc<AtomicBool>,
+    vcpu_threads: Vec<JoinHandle<()>>,
+    devices: DeviceManager,
+    stats: Arc<VcpuStats>,
+    started: Instant,
+    mem: GuestMemoryMmap,
+    // Dropped after the vCPU threads are joined (fields drop in order).
+    _vm_fd: VmFd,
+}
+
+fn cache_policy(name: &str) -> Result<CachePolicy, VmError> {
+    match name {
+        "never" => Ok(CachePolicy::Never),
+        "metadata" => Ok(CachePolicy::Metadata),
+        "auto" => Ok(CachePolicy::Auto),
+        "always" => Ok(CachePolicy::Always),
+        other => Err(VmError::Config(format!(
+            "shared fs cache policy {other:?} (expected never, metadata, auto or always)"
+        ))),
+    }
+}
+
+fn validate(config: &VmConfig) -> Result<(), VmError> {
+    if !(1..=MAX_VCPUS).contains(&config.vcpus) {
+        return Err(VmError::Config(format!(
+            "vcpus = {} (must be 1 to {MAX_VCPUS})",
+            config.vcpus
+        )));
+    }
+    if !config.kernel.is_file() {
+        return Err(VmError::Config(format!(
+            "guest kernel {} does not exist or is not a file",
+            config.kernel.display()
+        )));
+    }
+    if let Some(initrd) = &config.initrd {
+        if !initrd.is_file() {
+            return Err(VmError::Config(format!(
+                "guest initramfs {} does not exist or is not a file",
+                initrd.display()
+            )));
+        }
+    }
+    if let Some(vsock) = &config.vsock {
+        if vsock.guest_cid < MIN_GUEST_CID || vsock.guest_cid > u64::from(u32::MAX) {
+            return Err(VmError::Config(format!(
+                "vsock guest CID {} is reserved or out of range",
+                vsock.guest_cid
+            )));
+        }
+    }
+    if let Some(share) = &config.shared_fs {
+        cache_policy(&share.cache)?;
+    }
+    config.cpuid.validate()?;
+    Ok(())
+}
+
+impl Vm {
+    /// Builds the VM and starts its vCPUs.
+    pub fn start(config: &VmConfig) -> Result<Vm, VmError> {
+        let started = Instant::now();
+        validate(config)?;
+        let profile = HostProfile::resolve(config.host_profile);
+        if profile != HostProfile::Native {
+            tracing::info!(
+                "host profile {}: hiding {:?}, guest args {:?}",
+                profile.name(),
+                profile.hidden_features(),
+                profile.kernel_args()
+            );
+        }
+
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        let vm_fd = kvm.create_vm().map_err(kvm_err("create VM"))?;
+        vm_fd
+            .set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(kvm_err("set TSS address"))?;
+        vm_fd.create_irq_chip().map_err(kvm_err("create irqchip"))?;
+
+        let mem = memory::create(config.memory_mib)?;
+        memory::register(&vm_fd, &mem)?;
+
+        let exit = Arc::new(ExitSignal::new().map_err(io_err("create exit eventfd"))?);
+        let pio = legacy_devices(&vm_fd, config, &exit)?;
+
+        let mut mmio = Bus::new();
+        let mut devices = DeviceManager::default();
+        if let Some(vsock) = &config.vsock {
+            let device = Vsock::new(vsock.guest_cid, vsock.uds_path.clone()).map_err(|source| {
+                VmError::Vsock {
+                    path: vsock.uds_path.clone(),
+                    source,
+                }
+            })?;
+            devices.add_virtio(&vm_fd, &mem, &mut mmio, "vsock", Box::new(device))?;
+        }
+        if let Some(share) = &config.shared_fs {
+            let options = FsOptions {
+                cache: cache_policy(&share.cache)?,
+                xattr: share.xattr,
+                ..FsOptions::default()
+            };
+            let device = Fs::new(&share.tag, &share.dir, options)?;
+            devices.add_virtio(&vm_fd, &mem, &mut mmio, "fs", Box::new(device))?;
+        }
+
+        let rsdp = acpi::write_tables(&mem, config.vcpus, devices.acpi_devices())?;
+        let cmdline = guest_cmdline(profile, &config.extra_cmdline);
+        let image = boot::load(
+            &mem,
+            &BootInputs {
+                kernel: &config.kernel,
+                initrd: config.initrd.as_deref(),
+                cmdline: &cmdline,
+                rsdp,
+            },
+        )?;
+
+        let cpuid_template = cpuid::base(&kvm, &config.cpuid, profile.hidden_features())?;
+        vcpu::install_kick_handler().map_err(io_err("install vCPU kick handler"))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stats = Arc::new(VcpuStats::default());
+        let mut vcpus = Vec::with_capacity(config.vcpus.into());
+        for id in 0..config.vcpus {
+            let fd = vm_fd
+                .create_vcpu(u64::from(id))
+                .map_err(kvm_err("create vCPU"))?;
+            fd.set_cpuid2(&cpuid::for_vcpu(&cpuid_template, id, config.vcpus))
+                .map_err(kvm_err("set CPUID"))?;
+            boot::regs::setup_vcpu(&fd, id, image.entry.0)?;
+            vcpus.push(Vcpu {
+                fd,
+                id,
+                mmio: mmio.clone(),
+                pio: pio.clone(),
+                exit: exit.clone(),
+                stop: stop.clone(),
+                stats: stats.clone(),
+            });
+        }
+
+        let mut vm = Vm {
+            profile,
+            exit,
+            stop,
+            vcpu_threads: Vec::new(),
+            devices,
+            stats,
+            started,
+            mem,
+            _vm_fd: vm_fd,
+        };
+        for vcpu in vcpus {
+            // On failure `vm` drops here and tears down the threads started.
+            let handle = vcpu.spawn().map_err(io_err("spawn vCPU thread"))?;
+            vm.vcpu_threads.push(handle);
+        }
+        tracing::info!(
+            vcpus = config.vcpus,
+            memory_mib = config.memory_mib,
+            "VM started: {cmdline}"
+        );
+        Ok(vm)
+    }
+
+    /// A handle other threads can use to stop the VM (e.g. on SIGTERM):
+    /// [`Vm::wait`] then returns [`ExitReason::Stopped`].
+    pub fn stop_handle(&self) -> StopHandle {
+        StopHandle(self.exit.clone())
+    }
+
+    pub fn host_profile(&self) -> HostProfile {
+        self.profile
+    }
+
+    /// Readable once the VM wants to stop (guest poweroff, reset, crash).
+    pub fn exit_fd(&self) -> RawFd {
+        self.exit.eventfd().as_raw_fd()
+    }
+
+    /// Why the VM stopped, if it did.
+    pub fn exit_reason(&self) -> Option<ExitReason> {
+        self.exit.reason()
+    }
+
+    /// Blocks until the guest ends the VM (or `timeout` passes: then the VM
+    /// keeps running and `None` is returned).
+    pub fn wait_timeout(&mut self, timeout: Option<Duration>) -> Option<ExitReason> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        while !self.exit.is_requested() {
+            let remaining = match deadline {
+                Some(d) => match d.checked_duration_since(Instant::now()) {
+                    Some(r) => r.as_millis().min(i32::MAX as u128) as i32,
+                    None => return None,
+                },
+                None => -1,
+            };
+            let mut pfd = libc::pollfd {
+                fd: self.exit_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: pfd is a valid pollfd for the duration of the call.
+            unsafe { libc::poll(&mut pfd, 1, remaining) };
+        }
+        self.teardown();
+        self.exit.reason()
+    }
+
+    /// Blocks until the guest ends the VM, then tears it down.
+    pub fn wait(&mut self) -> ExitReason {
+        self.wait_timeout(None).unwrap_or(ExitReason::Crashed(
+            "exit signalled without a reason".into(),
+        ))
+    }
+
+    /// Stops the VM from the host and tears it down. Returns why it ended
+    /// (a guest exit that raced with the stop wins).
+    pub fn stop(&mut self) -> ExitReason {
+        self.exit.request(ExitReason::Stopped);
+        self.teardown();
+        self.exit.reason().unwrap_or(ExitReason::Stopped)
+    }
+
+    /// What the VMM itself cost so far.
+    pub fn vmm_stats(&self) -> VmmStats {
+        VmmStats {
+            start_to_first_run: self
+                .stats
+                .first_run
+                .get()
+                .map(|t| t.duration_since(self.started)),
+            exits: self.stats.exits.load(Ordering::Relaxed),
+            exit_cpu: Duration::from_nanos(self.stats.exit_cpu_ns.load(Ordering::Relaxed)),
+        }
+    }
+
+    /// Host address ranges of guest RAM (to tell VMM memory from guest memory).
+    pub fn guest_memory_host_ranges(&self) -> Vec<(usize, usize)> {
+        self.mem
+            .iter()
+            .map(|r| (r.as_ptr() as usize, r.len() as usize))
+            .collect()
+    }
+
+    fn teardown(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.exit.request(ExitReason::Stopped);
+        // A vCPU may be blocked in KVM_RUN (guest idle) or about to enter
+        // it: kick until every thread has finished.
+        for handle in &self.vcpu_threads {
+            while !handle.is_finished() {
+                vcpu::kick(handle);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        for handle in self.vcpu_threads.drain(..) {
+            if handle.join().is_err() {
+                tracing::error!("a vCPU thread panicked");
+            }
+        }
+        self.devices.shutdown();
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+/// COM1, the i8042 reset line and the ACPI power ports on the PIO bus.
+fn legacy_devices(vm_fd: &VmFd, config: &VmConfig, exit: &Arc<ExitSignal>) -> Result<Bus, VmError> {
+    let mut pio = Bus::new();
+    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(io_err("create serial eventfd"))?;
+    vm_fd
+        .register_irqfd(&serial_irq, SERIAL_GSI)
+        .map_err(kvm_err("register serial irqfd"))?;
+    let sink = ConsoleSink::open(&config.console).map_err(VmError::Console)?;
+    pio.insert(
+        Arc::new(Mutex::new(SerialDevice::new(serial_irq, sink))),
+        COM1_PORT.into(),
+        COM1_PORT_LEN.into(),
+    )?;
+    pio.insert(
+        Arc::new(Mutex::new(I8042::new(exit.clone()))),
+        I8042_PORT.into(),
+        I8042_PORT_LEN.into(),
+    )?;
+    pio.insert(
+        Arc::new(Mutex::new(AcpiPowerPorts::new(exit.clone()))),
+        ACPI_SLEEP_CONTROL_PORT.into(),
+        ACPI_PORTS_LEN.into(),
+    )?;
+    Ok(pio)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_configs_are_named() {
+        let mut c = VmConfig::new("/nonexistent/vmlinux");
+        let e = validate(&c).unwrap_err().to_string();
+        assert!(e.contains("/nonexistent/vmlinux"), "{e}");
+        c.kernel = "/proc/self/exe".into();
+        c.vcpus = 0;
+        assert!(validate(&c).unwrap_err().to_string().contains("vcpus"));
+        c.vcpus = 1;
+        c.vsock = Some(VsockConfig {
+            guest_cid: 2,
+            uds_path: "/tmp/x".into(),
+        });
+        assert!(validate(&c).unwrap_err().to_string().contains("CID"));
+        c.vsock = None;
+        c.initrd = Some("/nonexistent/initrd".into());
+        assert!(validate(&c).unwrap_err().to_string().contains("initramfs"));
+    }
+}

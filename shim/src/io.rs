@@ -1,0 +1,228 @@
+//! A process's stdio: containerd's FIFOs on one side, the agent's vsock
+//! streams (one per stdio kind) on the other, copied with fixed-size
+//! buffers so the shim's memory does not grow with the output.
+//!
+//! Nothing is lost at exit: the agent shuts an output stream down only after
+//! the process's pipe reached EOF, and the exit is published only after the
+//! copies here reached EOF too (see process.rs).
+
+use std::path::Path;
+use std::time::Duration;
+
+use husk_vsock::StdioKind;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::unix::pipe;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// Copy buffer: large enough for throughput, fixed so memory stays flat.
+const COPY_BUFFER: usize = 64 * 1024;
+
+/// The FIFO paths containerd gave for a process ("" = not wanted).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stdio {
+    pub stdin: String,
+    pub stdout: String,
+    pub stderr: String,
+    pub terminal: bool,
+}
+
+impl Stdio {
+    /// Which streams the host will attach, as the agent is told.
+    pub fn to_agent(&self) -> husk_protocol::agent::Stdio {
+        let mut s = husk_protocol::agent::Stdio::new();
+        s.terminal = self.terminal;
+        s.stdin = !self.stdin.is_empty();
+        s.stdout = !self.stdout.is_empty();
+        s.stderr = !self.stderr.is_empty() && !self.terminal;
+        s
+    }
+}
+
+/// Errors attaching stdio.
+#[derive(Debug, thiserror::Error)]
+pub enum IoError {
+    #[error("cannot open {path}: {source}")]
+    Fifo {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Attach(#[from] husk_vsock::AttachError),
+}
+
+/// The running copies of one process.
+#[derive(Default)]
+pub struct AttachedIo {
+    /// Stops the stdin copy and half-closes the stream (CloseIO).
+    close_stdin: Option<oneshot::Sender<()>>,
+    outputs: Vec<JoinHandle<()>>,
+}
+
+impl AttachedIo {
+    /// Stops forwarding stdin; the guest sees EOF.
+    pub fn close_stdin(&mut self) {
+        if let Some(tx) = self.close_stdin.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Waits until every output stream reached EOF and was written out.
+    pub async fn wait_outputs(&mut self) {
+        for handle in self.outputs.drain(..) {
+            let _ = handle.await;
+        }
+    }
+}
+
+fn open_output(path: &str) -> Result<pipe::Sender, IoError> {
+    // Read-write, as containerd's own shims do: the FIFO stays valid when a
+    // client detaches and reattaches, instead of failing with EPIPE.
+    pipe::OpenOptions::new()
+        .read_write(true)
+        .open_sender(path)
+        .map_err(|source| IoError::Fifo {
+            path: path.to_string(),
+            source,
+        })
+}
+
+fn open_input(path: &str) -> Result<pipe::Receiver, IoError> {
+    pipe::OpenOptions::new()
+        .open_receiver(path)
+        .map_err(|source| IoError::Fifo {
+            path: path.to_string(),
+            source,
+        })
+}
+
+/// Connects the process's streams and starts copying.
+pub async fn attach(
+    uds: &Path,
+    container_id: &str,
+    exec_id: Option<&str>,
+    stdio: &Stdio,
+    timeout: Duration,
+) -> Result<AttachedIo, IoError> {
+    let mut io = AttachedIo::default();
+    let connect = |kind| husk_vsock::attach_stdio(uds, container_id, exec_id, kind, timeout);
+    let label = format!("{container_id}/{}", exec_id.unwrap_or("init"));
+
+    if stdio.terminal {
+        let stream = connect(StdioKind::Terminal).await?;
+        let (from_guest, to_guest) = stream.into_split();
+        if !stdio.stdout.is_empty() {
+            let out = open_output(&stdio.stdout)?;
+            io.outputs
+                .push(spawn_output(from_guest, out, label.clone()));
+        }
+        if !stdio.stdin.is_empty() {
+            io.close_stdin = Some(spawn_input(open_input(&stdio.stdin)?, to_guest, label));
+        }
+        return Ok(io);
+    }
+    for (kind, path) in [
+        (StdioKind::Stdout, &stdio.stdout),
+        (StdioKind::Stderr, &stdio.stderr),
+    ] {
+        if !path.is_empty() {
+            let out = open_output(path)?;
+            let stream = connect(kind).await?;
+            io.outputs.push(spawn_output(
+                stream,
+                out,
+                format!("{label} {}", kind.as_str()),
+            ));
+        }
+    }
+    if !stdio.stdin.is_empty() {
+        let input = open_input(&stdio.stdin)?;
+        let stream = connect(StdioKind::Stdin).await?;
+        io.close_stdin = Some(spawn_input(input, stream, label));
+    }
+    Ok(io)
+}
+
+fn spawn_output<R, W>(from_guest: R, mut to_fifo: W, label: String) -> JoinHandle<()>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut reader = BufReader::with_capacity(COPY_BUFFER, from_guest);
+        match tokio::io::copy_buf(&mut reader, &mut to_fifo).await {
+            Ok(bytes) => tracing::debug!("{label}: {bytes} bytes of output copied"),
+            Err(e) => tracing::warn!("{label}: output copy stopped: {e}"),
+        }
+        let _ = to_fifo.flush().await;
+    })
+}
+
+fn spawn_input<R, W>(from_fifo: R, mut to_guest: W, label: String) -> oneshot::Sender<()>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let (close_tx, close_rx) = oneshot::channel();
+    tokio::spawn(async move {
+        let mut reader = BufReader::with_capacity(COPY_BUFFER, from_fifo);
+        tokio::select! {
+            result = tokio::io::copy_buf(&mut reader, &mut to_guest) => {
+                if let Err(e) = result {
+                    tracing::warn!("{label}: stdin copy stopped: {e}");
+                }
+            }
+            _ = close_rx => {}
+        }
+        // EOF for the process (for a terminal: the write half only).
+        let _ = to_guest.shutdown().await;
+    });
+    close_tx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_is_told_which_streams_come() {
+        let s = Stdio {
+            stdin: "".into(),
+            stdout: "/run/out".into(),
+            stderr: "/run/err".into(),
+            terminal: false,
+        };
+        let a = s.to_agent();
+        assert!(!a.stdin && a.stdout && a.stderr && !a.terminal);
+        let t = Stdio {
+            terminal: true,
+            stdin: "/run/in".into(),
+            ..s
+        };
+        let a = t.to_agent();
+        assert!(a.stdin && a.stdout && !a.stderr && a.terminal);
+    }
+
+    #[tokio::test]
+    async fn output_copy_is_byte_exact_and_bounded() {
+        let (mut guest_side, host_side) = tokio::net::UnixStream::pair().unwrap();
+        let (fifo_writer, mut fifo_reader) = tokio::net::UnixStream::pair().unwrap();
+        let handle = spawn_output(host_side, fifo_writer, "test".into());
+        let data: Vec<u8> = (0..3 * COPY_BUFFER + 17)
+            .map(|i| (i * 7 % 251) as u8)
+            .collect();
+        let expected = data.clone();
+        let writer = tokio::spawn(async move {
+            guest_side.write_all(&data).await.unwrap();
+            guest_side.shutdown().await.unwrap();
+        });
+        let mut received = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut fifo_reader, &mut received)
+            .await
+            .unwrap();
+        writer.await.unwrap();
+        handle.await.unwrap();
+        assert_eq!(received, expected);
+    }
+}

@@ -1,0 +1,20 @@
+//! containerd-shim-husk-v2: the containerd task API (v2) on husk microVMs.
+//! The VMM runs inside this process; each pod (or `ctr run` task) is one VM.
+
+pub mod container;
+pub mod errors;
+pub mod events;
+pub mod io;
+pub mod logging;
+pub mod metrics;
+pub mod options;
+pub mod process;
+pub mod rootfs;
+pub mod sandbox;
+pub mod service;
+pub mod shim;
+pub mod spec;
+pub mod state;
+
+/// The runtime name containerd knows husk by.
+pub const RUNTIME_ID: &str = "io.containerd.husk.v2";

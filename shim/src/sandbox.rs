@@ -1,0 +1,272 @@
+//! One microVM and its agent: booted on the first task of a shim, shared by
+//! every container of the pod, stopped at Shutdown. The VMM runs inside this
+//! process (husk-hypervisor's threads); nothing else is spawned.
+//!
+//! Host layout under `<state_dir>/<namespace>/<sandbox id>/`:
+//! `shared/` (the virtio-fs share, guest `/run/husk/shared`), `vsock.sock`
+//! (hybrid vsock) and `vsock.sock_1025` (the agent's log stream).
+
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use husk_config::Config;
+use husk_hypervisor::cpuid::CpuidPolicy;
+use husk_hypervisor::vm::SharedFsConfig;
+use husk_hypervisor::{ConsoleOutput, ExitReason, HostProfileSetting, Vm, VmConfig, VsockConfig};
+use husk_protocol::agent::{CreateSandboxRequest, DestroySandboxRequest, Storage};
+use husk_protocol::AgentServiceClient;
+use tokio::io::unix::AsyncFd;
+
+use crate::process::lock;
+use crate::spec::GUEST_SHARED_DIR;
+
+/// virtio-fs tag of the share.
+pub const SHARED_FS_TAG: &str = "husk";
+/// Guest CID: each VM has its own vsock device, so one value serves all.
+const GUEST_CID: u64 = 3;
+
+/// Errors booting or talking to the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error(transparent)]
+    Config(#[from] husk_config::ConfigError),
+    #[error("invalid configuration {path}: {message}")]
+    BadConfig { path: PathBuf, message: String },
+    #[error("cannot prepare {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start the VM: {0}")]
+    Vm(#[from] husk_hypervisor::VmError),
+    #[error("the guest agent did not come up: {0}")]
+    Agent(String),
+    #[error("agent {rpc} failed: {message}")]
+    Rpc { rpc: &'static str, message: String },
+}
+
+/// A running VM with its agent.
+pub struct Sandbox {
+    pub id: String,
+    pub dir: PathBuf,
+    pub shared_dir: PathBuf,
+    pub vsock_uds: PathBuf,
+    pub agent: AgentServiceClient,
+    pub request_timeout: Duration,
+    vm: Mutex<Option<Vm>>,
+    exit_fd: OwnedFd,
+    _guest_log: husk_vsock::GuestLogReceiver,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SandboxError + '_ {
+    move |source| SandboxError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Directory of sandbox `id` in namespace `namespace`.
+pub fn sandbox_dir(config: &Config, namespace: &str, id: &str) -> PathBuf {
+    config.runtime.state_dir.join(namespace).join(id)
+}
+
+fn vm_config(config: &Config, dir: &Path, shared_dir: &Path) -> Result<VmConfig, SandboxError> {
+    config.check_guest_assets()?;
+    let hv = &config.hypervisor;
+    let bad = |message: String| SandboxError::BadConfig {
+        path: config.source.clone(),
+        message,
+    };
+    let mut vm = VmConfig::new(&hv.kernel);
+    vm.initrd = Some(hv.initrd.clone());
+    vm.vcpus = hv.vcpus;
+    vm.memory_mib = hv.memory_mib;
+    vm.cpuid = CpuidPolicy {
+        hide: hv.cpuid_hide.clone(),
+    };
+    vm.host_profile = hv.host_profile.parse::<HostProfileSetting>().map_err(bad)?;
+    vm.console = match hv.console.as_str() {
+        "log" => ConsoleOutput::Log,
+        "none" => ConsoleOutput::Discard,
+        path => ConsoleOutput::File(path.into()),
+    };
+    vm.extra_cmdline = format!(
+        "{} HUSK_AGENT_LOG={}",
+        hv.kernel_args, config.agent.log_level
+    )
+    .trim()
+    .to_string();
+    vm.vsock = Some(VsockConfig {
+        guest_cid: GUEST_CID,
+        uds_path: dir.join("vsock.sock"),
+    });
+    vm.shared_fs = Some(SharedFsConfig {
+        tag: SHARED_FS_TAG.into(),
+        dir: shared_dir.to_path_buf(),
+        cache: config.shared_fs.cache.clone(),
+        xattr: config.shared_fs.xattr,
+    });
+    Ok(vm)
+}
+
+fn rpc_err(rpc: &'static str) -> impl FnOnce(ttrpc::Error) -> SandboxError {
+    move |e| SandboxError::Rpc {
+        rpc,
+        message: e.to_string(),
+    }
+}
+
+impl Sandbox {
+    /// Boots the VM and waits for its agent.
+    pub async fn boot(config: &Config, namespace: &str, id: &str) -> Result<Sandbox, SandboxError> {
+        let dir = sandbox_dir(config, namespace, id);
+        let shared_dir = dir.join("shared");
+        std::fs::create_dir_all(&shared_dir).map_err(io_err(&shared_dir))?;
+        let vm_config = vm_config(config, &dir, &shared_dir)?;
+        let vsock_uds = dir.join("vsock.sock");
+        // A previous shim of this sandbox that crashed may have left these.
+        for stale in [
+            vsock_uds.clone(),
+            husk_vsock::host_port_path(&vsock_uds, husk_protocol::LOG_VSOCK_PORT),
+        ] {
+            let _ = std::fs::remove_file(stale);
+        }
+        let guest_log =
+            husk_vsock::GuestLogReceiver::bind(&vsock_uds).map_err(io_err(&vsock_uds))?;
+
+        let vm = tokio::task::spawn_blocking(move || Vm::start(&vm_config))
+            .await
+            .map_err(|e| SandboxError::Agent(format!("VM start task failed: {e}")))??;
+        // SAFETY: the fd is the VM's exit eventfd, open while `vm` lives; we
+        // only duplicate it here.
+        let exit_fd = unsafe { BorrowedFd::borrow_raw(vm.exit_fd()) }
+            .try_clone_to_owned()
+            .map_err(io_err(&dir))?;
+        let stats = vm.vmm_stats();
+        tracing::info!(
+            sandbox = id,
+            profile = vm.host_profile().name(),
+            "VM started ({stats:?})"
+        );
+
+        let boot_timeout = Duration::from_secs(config.agent.boot_timeout_secs);
+        let agent = match husk_vsock::agent_client(&vsock_uds, boot_timeout).await {
+            Ok(client) => client,
+            Err(e) => {
+                let reason = tokio::task::spawn_blocking(move || {
+                    let mut vm = vm;
+                    vm.stop()
+                })
+                .await
+                .map(|r| r.to_string())
+                .unwrap_or_default();
+                remove_sandbox_dir(&dir);
+                return Err(SandboxError::Agent(format!("{e} (VM: {reason})")));
+            }
+        };
+        let sandbox = Sandbox {
+            id: id.to_string(),
+            dir,
+            shared_dir,
+            vsock_uds,
+            agent,
+            request_timeout: Duration::from_secs(config.agent.request_timeout_secs),
+            vm: Mutex::new(Some(vm)),
+            exit_fd,
+            _guest_log: guest_log,
+        };
+        if let Err(e) = sandbox.create_guest_sandbox().await {
+            sandbox.shutdown().await;
+            return Err(e);
+        }
+        tracing::info!(sandbox = id, "agent ready");
+        Ok(sandbox)
+    }
+
+    async fn create_guest_sandbox(&self) -> Result<(), SandboxError> {
+        let mut share = Storage::new();
+        share.source = SHARED_FS_TAG.into();
+        share.fstype = "virtiofs".into();
+        share.mount_point = GUEST_SHARED_DIR.into();
+        let mut req = CreateSandboxRequest::new();
+        req.sandbox_id = self.id.clone();
+        req.storages.push(share);
+        self.agent
+            .create_sandbox(self.ctx(), &req)
+            .await
+            .map_err(rpc_err("CreateSandbox"))?;
+        Ok(())
+    }
+
+    /// A request context with the configured timeout.
+    pub fn ctx(&self) -> ttrpc::context::Context {
+        ttrpc::context::with_timeout(self.request_timeout.as_nanos() as i64)
+    }
+
+    /// Resolves when the VM stopped on its own (guest poweroff or crash).
+    pub async fn vm_exited(&self) -> ExitReason {
+        let registered = self.exit_fd.try_clone().and_then(|fd| {
+            // SAFETY: `fd` is an owned duplicate of the VM's exit eventfd;
+            // AsyncFd owns it and nothing else closes or replaces it.
+            unsafe { AsyncFd::register(fd) }.map_err(std::io::Error::from)
+        });
+        match registered {
+            Ok(fd) => {
+                let _ = fd.readable().await;
+            }
+            Err(e) => {
+                tracing::error!(sandbox = self.id, "cannot watch the VM's exit: {e}");
+                std::future::pending::<()>().await;
+            }
+        }
+        lock(&self.vm)
+            .as_ref()
+            .and_then(Vm::exit_reason)
+            .unwrap_or(ExitReason::Stopped)
+    }
+
+    /// Stops the VMM (after the guest ended on its own): every open agent
+    /// call then fails instead of hanging. Idempotent.
+    pub async fn stop_vm(&self) {
+        let Some(mut vm) = lock(&self.vm).take() else {
+            return;
+        };
+        let reason = tokio::task::spawn_blocking(move || vm.stop()).await;
+        tracing::info!(sandbox = self.id, "VM stopped: {reason:?}");
+    }
+
+    /// Tells the agent to tear down, stops the VM, unmounts the share and
+    /// removes the sandbox directory. Idempotent.
+    pub async fn shutdown(&self) {
+        let running = lock(&self.vm)
+            .as_ref()
+            .is_some_and(|vm| vm.exit_reason().is_none());
+        if running {
+            let ctx = ttrpc::context::with_timeout(Duration::from_secs(10).as_nanos() as i64);
+            if let Err(e) = self
+                .agent
+                .destroy_sandbox(ctx, &DestroySandboxRequest::new())
+                .await
+            {
+                tracing::warn!(sandbox = self.id, "DestroySandbox: {e}");
+            }
+        }
+        self.stop_vm().await;
+        remove_sandbox_dir(&self.dir);
+    }
+}
+
+/// Unmounts whatever is left under a sandbox directory and removes it.
+pub fn remove_sandbox_dir(dir: &Path) {
+    for (path, e) in crate::rootfs::unmount_all(dir) {
+        tracing::warn!("cannot unmount {}: {e}", path.display());
+    }
+    if let Err(e) = std::fs::remove_dir_all(dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!("cannot remove {}: {e}", dir.display());
+        }
+    }
+}

@@ -1,0 +1,274 @@
+//! Turns the OCI spec containerd wrote for the host into the one the guest
+//! runs: paths that only exist on the host are replaced by their shared
+//! copies, and settings that name host objects are dropped.
+//!
+//! - `root.path` becomes the container's rootfs in the virtio-fs share.
+//! - Bind mounts of host paths are shared too (see rootfs.rs) and point at
+//!   the guest path of their copy; other mounts (proc, tmpfs, ...) are made
+//!   in the guest as they are.
+//! - Namespaces given by path (`/var/run/netns/...`, `/proc/<pid>/ns/...`)
+//!   are host objects. A pod is one VM: the network, IPC and UTS namespaces
+//!   of the VM itself are the pod's, so those entries are dropped; any other
+//!   namespace keeps its type and loses its path.
+//! - Hooks run host binaries, AppArmor/SELinux labels name host policy,
+//!   `cgroupsPath` is a host cgroup: dropped (the agent places containers in
+//!   the guest's cgroup tree).
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+/// Where the virtio-fs share appears in the guest.
+pub const GUEST_SHARED_DIR: &str = "/run/husk/shared";
+
+/// Errors reading or rewriting a spec.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("bundle {bundle} has no config.json: {source}")]
+    Missing {
+        bundle: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid OCI spec {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error("invalid OCI process spec: {0}")]
+    InvalidProcess(String),
+}
+
+/// A host path the guest needs, shared as `<share>/<container>/mounts/<index>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedBind {
+    pub index: usize,
+    pub host_source: PathBuf,
+    pub read_only: bool,
+}
+
+/// The guest's spec (JSON) and the host paths to share for it.
+#[derive(Debug)]
+pub struct GuestSpec {
+    pub json: Vec<u8>,
+    pub binds: Vec<SharedBind>,
+    pub terminal: bool,
+}
+
+/// Guest path of a container's rootfs.
+pub fn guest_rootfs(container_id: &str) -> String {
+    format!("{GUEST_SHARED_DIR}/{container_id}/rootfs")
+}
+
+fn guest_bind_path(container_id: &str, index: usize) -> String {
+    format!("{GUEST_SHARED_DIR}/{container_id}/mounts/{index}")
+}
+
+/// Reads `<bundle>/config.json`, validated by oci-spec, as JSON to rewrite.
+pub fn load(bundle: &Path) -> Result<Value, SpecError> {
+    let path = bundle.join("config.json");
+    let text = std::fs::read(&path).map_err(|source| SpecError::Missing {
+        bundle: bundle.to_path_buf(),
+        source,
+    })?;
+    let invalid = |message: String| SpecError::Invalid {
+        path: path.clone(),
+        message,
+    };
+    serde_json::from_slice::<oci_spec::runtime::Spec>(&text).map_err(|e| invalid(e.to_string()))?;
+    let spec: Value = serde_json::from_slice(&text).map_err(|e| invalid(e.to_string()))?;
+    if spec.get("process").is_none() {
+        return Err(invalid("no process to run".into()));
+    }
+    Ok(spec)
+}
+
+fn is_bind(mount: &Value) -> bool {
+    mount.get("type").and_then(Value::as_str) == Some("bind")
+        || mount
+            .get("options")
+            .and_then(Value::as_array)
+            .is_some_and(|o| o.iter().any(|x| x == "bind" || x == "rbind"))
+}
+
+fn strip_host_security(process: &mut Value) {
+    if let Some(p) = process.as_object_mut() {
+        p.remove("apparmorProfile");
+        p.remove("selinuxLabel");
+    }
+}
+
+/// Rewrites `spec` for container `container_id` in the guest.
+pub fn for_guest(mut spec: Value, container_id: &str) -> Result<GuestSpec, SpecError> {
+    let obj = spec
+        .as_object_mut()
+        .ok_or_else(|| SpecError::InvalidProcess("spec is not an object".into()))?;
+    obj.insert(
+        "root".into(),
+        serde_json::json!({
+            "path": guest_rootfs(container_id),
+            "readonly": obj.get("root").and_then(|r| r.get("readonly")).cloned().unwrap_or(Value::Bool(false)),
+        }),
+    );
+    if let Some(hooks) = obj.remove("hooks") {
+        if !hooks.is_null() {
+            tracing::warn!(
+                container_id,
+                "dropping OCI hooks: they would run host binaries"
+            );
+        }
+    }
+    let terminal = obj
+        .get("process")
+        .and_then(|p| p.get("terminal"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    if let Some(process) = obj.get_mut("process") {
+        strip_host_security(process);
+    }
+
+    let mut binds = Vec::new();
+    if let Some(mounts) = obj.get_mut("mounts").and_then(Value::as_array_mut) {
+        for mount in mounts.iter_mut().filter(|m| is_bind(m)) {
+            let Some(source) = mount.get("source").and_then(Value::as_str) else {
+                continue;
+            };
+            let read_only = mount
+                .get("options")
+                .and_then(Value::as_array)
+                .is_some_and(|o| o.iter().any(|x| x == "ro"));
+            let index = binds.len();
+            binds.push(SharedBind {
+                index,
+                host_source: PathBuf::from(source),
+                read_only,
+            });
+            mount["source"] = Value::String(guest_bind_path(container_id, index));
+        }
+    }
+
+    if let Some(linux) = obj.get_mut("linux").and_then(Value::as_object_mut) {
+        linux.remove("cgroupsPath");
+        linux.remove("mountLabel");
+        if let Some(namespaces) = linux.get_mut("namespaces").and_then(Value::as_array_mut) {
+            namespaces.retain(|ns| {
+                let kind = ns.get("type").and_then(Value::as_str).unwrap_or_default();
+                let has_path = ns.get("path").is_some_and(|p| p.as_str() != Some(""));
+                // The VM's own network namespace is the pod's network.
+                kind != "network" && !(has_path && matches!(kind, "ipc" | "uts"))
+            });
+            for ns in namespaces.iter_mut() {
+                if let Some(ns) = ns.as_object_mut() {
+                    ns.remove("path");
+                }
+            }
+        }
+    }
+
+    let json = serde_json::to_vec(&spec).map_err(|e| SpecError::InvalidProcess(e.to_string()))?;
+    Ok(GuestSpec {
+        json,
+        binds,
+        terminal,
+    })
+}
+
+/// Validates and cleans an exec process spec (JSON from containerd).
+pub fn exec_process_for_guest(json: &[u8]) -> Result<Vec<u8>, SpecError> {
+    serde_json::from_slice::<oci_spec::runtime::Process>(json)
+        .map_err(|e| SpecError::InvalidProcess(e.to_string()))?;
+    let mut process: Value =
+        serde_json::from_slice(json).map_err(|e| SpecError::InvalidProcess(e.to_string()))?;
+    strip_host_security(&mut process);
+    serde_json::to_vec(&process).map_err(|e| SpecError::InvalidProcess(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn cri_like_spec() -> Value {
+        json!({
+            "ociVersion": "1.0.2",
+            "process": {"terminal": true, "user": {"uid": 0, "gid": 0}, "args": ["sh"], "cwd": "/",
+                        "apparmorProfile": "cri-containerd.apparmor.d"},
+            "root": {"path": "rootfs", "readonly": true},
+            "hooks": {"createRuntime": [{"path": "/usr/local/bin/nerdctl"}]},
+            "mounts": [
+                {"destination": "/proc", "type": "proc", "source": "proc"},
+                {"destination": "/etc/hosts", "type": "bind", "source": "/var/lib/cri/hosts", "options": ["rbind", "ro"]},
+                {"destination": "/data", "source": "/srv/data", "options": ["rbind", "rw"]}
+            ],
+            "linux": {
+                "cgroupsPath": "/k8s/pod1/c1",
+                "namespaces": [
+                    {"type": "pid"},
+                    {"type": "network", "path": "/var/run/netns/cni-1"},
+                    {"type": "ipc", "path": "/proc/42/ns/ipc"},
+                    {"type": "uts"},
+                    {"type": "mount"}
+                ]
+            }
+        })
+    }
+
+    #[test]
+    fn rewrites_host_paths_for_the_guest() {
+        let guest = for_guest(cri_like_spec(), "c1").unwrap();
+        let spec: Value = serde_json::from_slice(&guest.json).unwrap();
+        assert_eq!(
+            spec["root"],
+            json!({"path": "/run/husk/shared/c1/rootfs", "readonly": true})
+        );
+        assert!(spec.get("hooks").is_none());
+        assert!(spec["process"].get("apparmorProfile").is_none());
+        assert!(spec["linux"].get("cgroupsPath").is_none());
+        assert_eq!(spec["mounts"][0]["source"], "proc");
+        assert_eq!(spec["mounts"][1]["source"], "/run/husk/shared/c1/mounts/0");
+        assert_eq!(spec["mounts"][2]["source"], "/run/husk/shared/c1/mounts/1");
+        assert_eq!(
+            guest.binds,
+            vec![
+                SharedBind {
+                    index: 0,
+                    host_source: "/var/lib/cri/hosts".into(),
+                    read_only: true
+                },
+                SharedBind {
+                    index: 1,
+                    host_source: "/srv/data".into(),
+                    read_only: false
+                },
+            ]
+        );
+        let kinds: Vec<_> = spec["linux"]["namespaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["type"].as_str().unwrap())
+            .collect();
+        assert_eq!(kinds, ["pid", "uts", "mount"]);
+        assert!(guest.terminal);
+    }
+
+    #[test]
+    fn missing_and_malformed_bundles_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = load(dir.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("config.json") && e.contains(&dir.path().display().to_string()),
+            "{e}"
+        );
+        std::fs::write(dir.path().join("config.json"), b"{\"process\": 7}").unwrap();
+        assert!(matches!(load(dir.path()), Err(SpecError::Invalid { .. })));
+        std::fs::write(dir.path().join("config.json"), b"not json").unwrap();
+        assert!(matches!(load(dir.path()), Err(SpecError::Invalid { .. })));
+    }
+
+    #[test]
+    fn exec_specs_are_validated() {
+        let ok =
+            br#"{"args": ["ls"], "cwd": "/", "user": {"uid": 0, "gid": 0}, "selinuxLabel": "x"}"#;
+        let cleaned: Value = serde_json::from_slice(&exec_process_for_guest(ok).unwrap()).unwrap();
+        assert!(cleaned.get("selinuxLabel").is_none());
+        assert!(exec_process_for_guest(b"{\"args\": 3}").is_err());
+    }
+}

@@ -1,0 +1,85 @@
+//! What the shim persists in each task's bundle so that `shim delete` (run
+//! by containerd after a shim crashed) can clean up: the VM died with the
+//! shim process, but mounts and sockets on the host outlive it.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+const STATE_FILE: &str = "husk-state.json";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskState {
+    /// The sandbox directory (share, sockets) this task lives in.
+    pub sandbox_dir: PathBuf,
+    /// This task's directory inside the share.
+    pub container_dir: PathBuf,
+    /// Whether this task booted the sandbox (its deletion removes it).
+    pub owns_sandbox: bool,
+}
+
+impl TaskState {
+    pub fn save(&self, bundle: &Path) -> std::io::Result<()> {
+        let path = bundle.join(STATE_FILE);
+        let tmp = bundle.join(format!("{STATE_FILE}.tmp"));
+        std::fs::write(&tmp, serde_json::to_vec(self)?)?;
+        std::fs::rename(tmp, path)
+    }
+
+    pub fn load(bundle: &Path) -> std::io::Result<Option<Self>> {
+        match std::fs::read(bundle.join(STATE_FILE)) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Undoes what a crashed shim left for this task.
+    pub fn cleanup(&self) {
+        for (path, e) in crate::rootfs::unmount_all(&self.container_dir) {
+            tracing::warn!("cannot unmount {}: {e}", path.display());
+        }
+        let _ = std::fs::remove_dir_all(&self.container_dir);
+        if self.owns_sandbox {
+            crate::sandbox::remove_sandbox_dir(&self.sandbox_dir);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_tolerates_absence() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(TaskState::load(dir.path()).unwrap(), None);
+        let state = TaskState {
+            sandbox_dir: "/run/husk/default/c1".into(),
+            container_dir: "/run/husk/default/c1/shared/c1".into(),
+            owns_sandbox: true,
+        };
+        state.save(dir.path()).unwrap();
+        assert_eq!(TaskState::load(dir.path()).unwrap(), Some(state));
+        std::fs::write(dir.path().join(STATE_FILE), b"{").unwrap();
+        assert!(TaskState::load(dir.path()).is_err());
+    }
+
+    #[test]
+    fn cleanup_removes_the_sandbox_it_owns() {
+        let dir = tempfile::tempdir().unwrap();
+        let sandbox = dir.path().join("sb");
+        let container = sandbox.join("shared/c1/rootfs");
+        std::fs::create_dir_all(&container).unwrap();
+        std::fs::write(sandbox.join("vsock.sock"), b"").unwrap();
+        TaskState {
+            sandbox_dir: sandbox.clone(),
+            container_dir: sandbox.join("shared/c1"),
+            owns_sandbox: true,
+        }
+        .cleanup();
+        assert!(!sandbox.exists());
+    }
+}

@@ -1,0 +1,307 @@
+//! husk-bench: side-by-side benchmarks, run interleaved in one process so
+//! both sides see the same host noise; results are medians and ratios.
+//!
+//! `husk-bench boot`: boot-to-agent-ready of husk-vmm against
+//! `qemu-system-x86_64 -M microvm` on the same kernel, initramfs and command
+//! line. "Ready" is the same point for both: the agent's readiness line on
+//! the serial console (qemu has no hybrid vsock to ask the agent over).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use husk_hypervisor::host::{HostProfile, HostProfileSetting};
+use husk_hypervisor::vm::guest_cmdline;
+use serde_json::{json, Value};
+
+/// The line husk-agent writes to /dev/console once it serves requests.
+const READY_MARKER: &str = husk_protocol::AGENT_READY_CONSOLE_LINE;
+const RUN_TIMEOUT: Duration = Duration::from_secs(300);
+
+#[derive(Parser)]
+#[command(name = "husk-bench")]
+struct Cli {
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Boot to agent ready: husk-vmm vs qemu microvm.
+    Boot {
+        #[arg(long)]
+        kernel: PathBuf,
+        #[arg(long)]
+        initrd: PathBuf,
+        /// The husk-vmm binary.
+        #[arg(long)]
+        vmm: PathBuf,
+        #[arg(long, default_value = "qemu-system-x86_64")]
+        qemu: PathBuf,
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        #[arg(long, default_value_t = 256)]
+        memory: u64,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.bench {
+        Bench::Boot {
+            kernel,
+            initrd,
+            vmm,
+            qemu,
+            runs,
+            memory,
+            out,
+        } => bench_boot(&kernel, &initrd, &vmm, &qemu, runs, memory, &out),
+    };
+    if let Err(e) = result {
+        eprintln!("husk-bench: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// One boot's measurements (milliseconds, bytes).
+#[derive(Default)]
+struct Sample {
+    ready_ms: f64,
+    rss_bytes: Option<u64>,
+    /// husk only, from husk-vmm --report.
+    report: Option<Value>,
+}
+
+fn bench_boot(
+    kernel: &Path,
+    initrd: &Path,
+    vmm: &Path,
+    qemu: &Path,
+    runs: usize,
+    memory: u64,
+    out: &Path,
+) -> Result<(), String> {
+    let profile = HostProfile::resolve(HostProfileSetting::Auto);
+    let cmdline = guest_cmdline(profile, "");
+    let mut husk = Vec::new();
+    let mut qemu_samples = Vec::new();
+    for run in 0..runs {
+        // Alternate who goes first so neither always gets the warmer cache.
+        let husk_first = run % 2 == 0;
+        for side in if husk_first { [0, 1] } else { [1, 0] } {
+            if side == 0 {
+                let s = boot_husk(vmm, kernel, initrd, memory)?;
+                eprintln!("run {run}: husk-vmm ready in {:.0} ms", s.ready_ms);
+                husk.push(s);
+            } else {
+                let s = boot_qemu(qemu, kernel, initrd, memory, &cmdline, profile)?;
+                eprintln!("run {run}: qemu ready in {:.0} ms", s.ready_ms);
+                qemu_samples.push(s);
+            }
+        }
+    }
+
+    let husk_ready = median(husk.iter().map(|s| s.ready_ms).collect());
+    let qemu_ready = median(qemu_samples.iter().map(|s| s.ready_ms).collect());
+    let report_field = |name: &str| -> Vec<f64> {
+        husk.iter()
+            .filter_map(|s| s.report.as_ref()?.get(name)?.as_f64())
+            .collect()
+    };
+    let rss = |samples: &[Sample]| -> Vec<f64> {
+        samples
+            .iter()
+            .filter_map(|s| s.rss_bytes)
+            .map(|b| b as f64 / (1 << 20) as f64)
+            .collect()
+    };
+    let result = json!({
+        "benchmark": "boot-to-agent-ready",
+        "host_profile": profile.name(),
+        "kernel": kernel,
+        "initrd": initrd,
+        "guest_cmdline": cmdline,
+        "memory_mib": memory,
+        "vcpus": 1,
+        "runs": runs,
+        "ready_point": format!("agent's {READY_MARKER:?} line on the serial console"),
+        "husk": {
+            "boot_to_agent_ready_ms": summary(husk.iter().map(|s| s.ready_ms).collect()),
+            "vm_start_to_first_kvm_run_ms": summary(report_field("vm_start_to_first_kvm_run_ms")),
+            "process_start_to_agent_rpc_ms": summary(report_field("process_start_to_agent_ready_ms")),
+            "vmm_cpu_ms_at_ready": summary(report_field("vmm_cpu_ms_at_ready")),
+            "vmm_rss_excluding_guest_mib": summary(rss(&husk)),
+        },
+        "qemu": {
+            "boot_to_agent_ready_ms": summary(qemu_samples.iter().map(|s| s.ready_ms).collect()),
+            "vmm_rss_excluding_guest_mib": summary(rss(&qemu_samples)),
+        },
+        "ratio": husk_ready / qemu_ready,
+        "goals": {
+            "ratio_at_most": 0.9,
+            "vm_start_to_first_kvm_run_ms_under": 10.0,
+            "vmm_rss_excluding_guest_mib_at_most": 8.0,
+        },
+    });
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    std::fs::write(out, format!("{result:#}\n")).map_err(|e| format!("{}: {e}", out.display()))?;
+    println!("{result:#}");
+    Ok(())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let mid = v.len() / 2;
+    if v.len() % 2 == 0 {
+        (v[mid - 1] + v[mid]) / 2.0
+    } else {
+        v[mid]
+    }
+}
+
+fn summary(v: Vec<f64>) -> Value {
+    if v.is_empty() {
+        return Value::Null;
+    }
+    let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    json!({ "median": median(v.clone()), "min": min, "max": max, "samples": v })
+}
+
+/// Waits until `console` contains the readiness line; returns when it did.
+fn wait_ready(child: &mut Child, console: &Path, started: Instant) -> Result<f64, String> {
+    loop {
+        if std::fs::read_to_string(console)
+            .map(|c| c.contains(READY_MARKER))
+            .unwrap_or(false)
+        {
+            return Ok(started.elapsed().as_secs_f64() * 1000.0);
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!(
+                "VM exited ({status}) before the agent was ready; console:\n{}",
+                std::fs::read_to_string(console).unwrap_or_default()
+            ));
+        }
+        if started.elapsed() > RUN_TIMEOUT {
+            let _ = child.kill();
+            return Err(format!("agent not ready within {RUN_TIMEOUT:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Resident memory of `pid` outside its guest-RAM mapping(s), i.e. outside
+/// any mapping at least as large as guest memory.
+fn rss_excluding_guest(pid: u32, memory_mib: u64) -> Option<u64> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    let guest_bytes = memory_mib << 20;
+    let mut total_kib = 0;
+    let mut counted = true;
+    for line in smaps.lines() {
+        if let Some(v) = line.strip_prefix("Rss:") {
+            if counted {
+                total_kib += v.trim().trim_end_matches("kB").trim().parse::<u64>().ok()?;
+            }
+        } else if let Some((range, _)) = line.split_once(' ') {
+            if let Some((a, b)) = range.split_once('-') {
+                if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
+                    counted = b - a < guest_bytes;
+                }
+            }
+        }
+    }
+    Some(total_kib * 1024)
+}
+
+fn boot_husk(vmm: &Path, kernel: &Path, initrd: &Path, memory: u64) -> Result<Sample, String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let console = dir.path().join("console.log");
+    let report = dir.path().join("report.json");
+    let started = Instant::now();
+    let mut child = Command::new(vmm)
+        .arg("--kernel")
+        .arg(kernel)
+        .arg("--initrd")
+        .arg(initrd)
+        .arg("--memory")
+        .arg(memory.to_string())
+        .arg("--vsock-uds")
+        .arg(dir.path().join("vsock"))
+        .arg("--console")
+        .arg(&console)
+        .arg("--report")
+        .arg(&report)
+        .arg("--agent-check")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", vmm.display()))?;
+    let ready_ms = wait_ready(&mut child, &console, started)?;
+    let status = child.wait().map_err(|e| e.to_string())?;
+    if !status.success() {
+        return Err(format!("husk-vmm failed: {status}"));
+    }
+    let report: Value = std::fs::read_to_string(&report)
+        .ok()
+        .and_then(|r| serde_json::from_str(&r).ok())
+        .ok_or("husk-vmm wrote no report")?;
+    let rss_bytes = report["vmm_rss_excluding_guest_bytes_at_ready"].as_u64();
+    Ok(Sample {
+        ready_ms,
+        rss_bytes,
+        report: Some(report),
+    })
+}
+
+fn boot_qemu(
+    qemu: &Path,
+    kernel: &Path,
+    initrd: &Path,
+    memory: u64,
+    cmdline: &str,
+    profile: HostProfile,
+) -> Result<Sample, String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let console = dir.path().join("console.log");
+    let cpu = if profile.hidden_features().contains(&"cx16") {
+        "host,-cx16"
+    } else {
+        "host"
+    };
+    let started = Instant::now();
+    let mut child = Command::new(qemu)
+        .args(["-M", "microvm", "-enable-kvm", "-cpu", cpu, "-smp", "1"])
+        .args(["-m", &memory.to_string()])
+        .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
+        .arg("-serial")
+        .arg(format!("file:{}", console.display()))
+        .arg("-kernel")
+        .arg(kernel)
+        .arg("-initrd")
+        .arg(initrd)
+        .args(["-append", cmdline])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", qemu.display()))?;
+    let ready = wait_ready(&mut child, &console, started);
+    let rss_bytes = rss_excluding_guest(child.id(), memory);
+    let _ = child.kill();
+    let _ = child.wait();
+    Ok(Sample {
+        ready_ms: ready?,
+        rss_bytes,
+        report: None,
+    })
+}

@@ -1,0 +1,224 @@
+//! A private containerd for tests: its own root, state and socket under a
+//! temp dir, husk registered as a runtime (the shim found on PATH), and
+//! `ctr` bound to it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{guest_initrd, guest_kernel, workspace_root};
+
+/// The runtime name tests pass to `ctr --runtime`.
+pub const HUSK_RUNTIME: &str = "io.containerd.husk.v2";
+/// The test image, as imported.
+pub const TEST_IMAGE: &str = "docker.io/library/husk-busybox:test";
+
+pub struct Containerd {
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    /// husk's state_dir for this containerd's shims.
+    pub husk_state: PathBuf,
+    child: Child,
+}
+
+/// Where the shim binary is (`make shim`, or $HUSK_SHIM_DIR).
+pub fn shim_dir() -> PathBuf {
+    let dir = std::env::var_os("HUSK_SHIM_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/release"));
+    assert!(
+        dir.join("containerd-shim-husk-v2").is_file(),
+        "containerd-shim-husk-v2 is missing in {}: run `make shim` (or set HUSK_SHIM_DIR)",
+        dir.display()
+    );
+    dir
+}
+
+impl Containerd {
+    /// Starts containerd (CRI plugin off unless `cri_config` adds it).
+    pub fn start(extra_config: &str) -> Containerd {
+        let dir = tempfile::Builder::new()
+            .prefix("husk-ctrd")
+            .tempdir()
+            .unwrap();
+        let root = dir.path();
+        let socket = root.join("containerd.sock");
+        let husk_state = root.join("husk-state");
+        let husk_config = root.join("husk.toml");
+        std::fs::write(
+            &husk_config,
+            format!(
+                "[hypervisor]\nkernel = {:?}\ninitrd = {:?}\nconsole = {:?}\n[runtime]\nstate_dir = {:?}\nlog_level = \"debug\"\n",
+                guest_kernel(),
+                guest_initrd(),
+                root.join("console.log"),
+                husk_state
+            ),
+        )
+        .unwrap();
+        let config = root.join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "version = 2\nroot = {:?}\nstate = {:?}\n[grpc]\n  address = {:?}\n[ttrpc]\n  address = {:?}\n{extra_config}\n",
+                root.join("root"),
+                root.join("state"),
+                socket,
+                root.join("containerd.ttrpc.sock"),
+            ),
+        )
+        .unwrap();
+        let path = format!(
+            "{}:{}",
+            shim_dir().display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let log = std::fs::File::create(root.join("containerd.log")).unwrap();
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(&config)
+            .arg("--log-level")
+            .arg("debug")
+            .env("PATH", path)
+            .env("HUSK_CONFIG", &husk_config)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("cannot start containerd (install Debian's containerd)");
+        let ctrd = Containerd {
+            dir,
+            socket,
+            husk_state,
+            child,
+        };
+        ctrd.wait_ready();
+        ctrd
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if self.socket.exists() && self.ctr(&["version"]).status.success() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("containerd did not come up:\n{}", self.log());
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
+    }
+
+    /// The guest console of the VMs this containerd's shims ran.
+    pub fn console(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("console.log")).unwrap_or_default()
+    }
+
+    /// A `ctr` command bound to this containerd.
+    pub fn ctr_command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ctr");
+        cmd.arg("--address").arg(&self.socket).args(args);
+        cmd.stdin(Stdio::null());
+        cmd
+    }
+
+    pub fn ctr(&self, args: &[&str]) -> Output {
+        self.ctr_command(args).output().expect("cannot run ctr")
+    }
+
+    /// Runs ctr and panics with everything useful if it fails.
+    pub fn ctr_ok(&self, args: &[&str]) -> String {
+        let out = self.ctr(args);
+        assert!(
+            out.status.success(),
+            "ctr {args:?} failed ({}):\nstdout: {}\nstderr: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.diagnostics()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// containerd's log tail and the guest console, for failure messages.
+    pub fn diagnostics(&self) -> String {
+        let log = self.log();
+        let tail: Vec<&str> = log.lines().rev().take(60).collect();
+        let console = self.console();
+        let console_tail: Vec<&str> = console.lines().rev().take(40).collect();
+        format!(
+            "--- containerd log (tail) ---\n{}\n--- guest console (tail) ---\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+            console_tail
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("\n")
+        )
+    }
+
+    /// Builds the busybox test image and imports it (into `namespace`).
+    pub fn import_test_image(&self, namespace: &str) {
+        let archive = crate::image::build_busybox_image(&self.dir.path().join("image"), TEST_IMAGE);
+        self.ctr_ok(&[
+            "-n",
+            namespace,
+            "images",
+            "import",
+            archive.to_str().unwrap(),
+        ]);
+    }
+
+    /// Mount points containerd's shims left under husk's state dir.
+    pub fn husk_mounts(&self) -> Vec<String> {
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let prefix = self.husk_state.display().to_string();
+        info.lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|m| m.starts_with(&prefix))
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+/// Processes of the husk shim still alive.
+pub fn husk_shim_processes() -> Vec<u32> {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .flatten()
+        .filter_map(|p| {
+            let pid: u32 = p.file_name().to_str()?.parse().ok()?;
+            let comm = std::fs::read_to_string(p.path().join("comm")).ok()?;
+            // comm is cut to 15 bytes: "containerd-shim".
+            let cmdline = std::fs::read(p.path().join("cmdline")).ok()?;
+            (comm.starts_with("containerd-shim")
+                && String::from_utf8_lossy(&cmdline).contains("containerd-shim-husk-v2"))
+            .then_some(pid)
+        })
+        .collect()
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+        // Snapshot mounts containerd may have left behind.
+        let root = self.dir.path().display().to_string();
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mut mounts: Vec<&str> = info
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|m| m.starts_with(&root))
+            .collect();
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in mounts {
+            let _ = nix::mount::umount2(Path::new(m), nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}

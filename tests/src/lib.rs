@@ -1,0 +1,159 @@
+//! Shared helpers for husk's real-VM tests and benchmarks: where the guest
+//! image is, and how to tell whether a VM left anything behind.
+
+pub mod containerd;
+pub mod image;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The workspace root (this crate lives in `<root>/tests`).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+fn guest_artifact(env: &str, file: &str) -> PathBuf {
+    let path = std::env::var_os(env)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("build/guest").join(file));
+    assert!(
+        path.is_file(),
+        "guest artifact {} is missing: run `make guest` first (or set {env})",
+        path.display()
+    );
+    path
+}
+
+/// The guest kernel (`make guest`, or $HUSK_KERNEL).
+pub fn guest_kernel() -> PathBuf {
+    guest_artifact("HUSK_KERNEL", "vmlinux")
+}
+
+/// The guest initramfs with the agent as /init (`make guest`, or $HUSK_INITRD).
+pub fn guest_initrd() -> PathBuf {
+    guest_artifact("HUSK_INITRD", "initrd.cpio")
+}
+
+/// The husk-vmm binary (`make vmm`, or $HUSK_VMM).
+pub fn husk_vmm_binary() -> PathBuf {
+    let path = std::env::var_os("HUSK_VMM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/release/husk-vmm"));
+    assert!(
+        path.is_file(),
+        "{} is missing: run `make vmm` first (or set HUSK_VMM)",
+        path.display()
+    );
+    path
+}
+
+/// The release of the guest kernel that `make guest` built.
+pub fn guest_kernel_release() -> String {
+    let path = guest_kernel().with_file_name("kernel-release");
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+        .trim()
+        .to_string()
+}
+
+/// The host's kernel release.
+pub fn host_kernel_release() -> String {
+    nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// How long a real-VM test waits for the agent. Booting takes ~30-60 s on
+/// nested KVM (100 ms on bare metal); the bound only keeps a broken guest
+/// from hanging the suite.
+pub const AGENT_TIMEOUT: Duration = Duration::from_secs(240);
+
+/// Names of this process's threads that husk started (`husk-*`).
+pub fn husk_threads() -> Vec<String> {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+        .map(|c| c.trim().to_string())
+        .filter(|c| c.starts_with("husk-"))
+        .collect()
+}
+
+/// Unix socket inode -> path (or "unnamed"), from /proc/net/unix.
+fn unix_socket_paths() -> std::collections::HashMap<String, String> {
+    let table = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let inode = fields.get(6)?.to_string();
+            let path = fields.get(7).map_or("unnamed", |p| p).to_string();
+            Some((inode, path))
+        })
+        .collect()
+}
+
+/// What this process's open file descriptors point at (Unix sockets with
+/// their path, so a leak names its socket).
+pub fn open_fds() -> Vec<String> {
+    let Ok(fds) = std::fs::read_dir("/proc/self/fd") else {
+        return Vec::new();
+    };
+    let sockets = unix_socket_paths();
+    let mut targets: Vec<String> = fds
+        .flatten()
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .map(|t| t.to_string_lossy().into_owned())
+        // read_dir's own descriptor.
+        .filter(|t| !t.starts_with("/proc/"))
+        .map(|t| {
+            let inode = t.strip_prefix("socket:[").and_then(|i| i.strip_suffix(']'));
+            match inode.and_then(|i| sockets.get(i)) {
+                Some(path) => format!("{t} unix:{path}"),
+                None => t,
+            }
+        })
+        .collect();
+    targets.sort();
+    targets
+}
+
+/// Asserts that this process's descriptors return to `before` within
+/// `timeout`, driving `runtime` meanwhile: connection tasks an RPC client
+/// spawned only notice their peer is gone (and close) when polled.
+pub fn assert_fds_settle(before: &[String], runtime: &tokio::runtime::Runtime, timeout: Duration) {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let now = open_fds();
+        if now == before {
+            return;
+        }
+        if std::time::Instant::now() > deadline {
+            assert_eq!(now, before, "file descriptors left open after {timeout:?}");
+        }
+        runtime.block_on(async { tokio::time::sleep(Duration::from_millis(20)).await });
+    }
+}
+
+/// The test initramfs: the guest initramfs plus a busybox rootfs at
+/// [`TEST_ROOTFS`] (`make guest-test`, or $HUSK_TEST_INITRD).
+pub fn guest_test_initrd() -> PathBuf {
+    let path = std::env::var_os("HUSK_TEST_INITRD")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("build/guest/initrd-test.cpio"));
+    assert!(
+        path.is_file(),
+        "test initramfs {} is missing: run `make guest-test` first (or set HUSK_TEST_INITRD)",
+        path.display()
+    );
+    path
+}
+
+/// Where the test initramfs has its busybox container rootfs.
+pub const TEST_ROOTFS: &str = "/testdata/busybox";
