@@ -124,8 +124,24 @@ impl Sandbox {
     pub async fn boot(config: &Config, namespace: &str, id: &str) -> Result<Sandbox, SandboxError> {
         let dir = sandbox_dir(config, namespace, id);
         let shared_dir = dir.join("shared");
-        std::fs::create_dir_all(&shared_dir).map_err(io_err(&shared_dir))?;
+        // Validate before creating anything on the host.
         let vm_config = vm_config(config, &dir, &shared_dir)?;
+        create_private_dir(&dir)?;
+        create_private_dir(&shared_dir)?;
+        let booted = Self::boot_in(config, id, dir.clone(), shared_dir, vm_config).await;
+        if booted.is_err() {
+            remove_sandbox_dir(&dir);
+        }
+        booted
+    }
+
+    async fn boot_in(
+        config: &Config,
+        id: &str,
+        dir: PathBuf,
+        shared_dir: PathBuf,
+        vm_config: VmConfig,
+    ) -> Result<Sandbox, SandboxError> {
         let vsock_uds = dir.join("vsock.sock");
         // A previous shim of this sandbox that crashed may have left these.
         for stale in [
@@ -163,7 +179,6 @@ impl Sandbox {
                 .await
                 .map(|r| r.to_string())
                 .unwrap_or_default();
-                remove_sandbox_dir(&dir);
                 return Err(SandboxError::Agent(format!("{e} (VM: {reason})")));
             }
         };
@@ -179,7 +194,7 @@ impl Sandbox {
             _guest_log: guest_log,
         };
         if let Err(e) = sandbox.create_guest_sandbox().await {
-            sandbox.shutdown().await;
+            sandbox.stop_vm().await;
             return Err(e);
         }
         tracing::info!(sandbox = id, "agent ready");
@@ -257,6 +272,19 @@ impl Sandbox {
         self.stop_vm().await;
         remove_sandbox_dir(&self.dir);
     }
+}
+
+/// Creates `dir` (and its parents) readable by root only: the share holds
+/// container root filesystems and the guest must not be reachable from
+/// other users through the sockets.
+fn create_private_dir(dir: &Path) -> Result<(), SandboxError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io_err(dir))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io_err(dir))
 }
 
 /// Unmounts whatever is left under a sandbox directory and removes it.

@@ -35,8 +35,13 @@ pub fn shim_dir() -> PathBuf {
 }
 
 impl Containerd {
-    /// Starts containerd (CRI plugin off unless `cri_config` adds it).
+    /// Starts containerd with `extra_config` appended to its config.
     pub fn start(extra_config: &str) -> Containerd {
+        Self::start_with(extra_config, &guest_kernel())
+    }
+
+    /// Like [`Containerd::start`], with husk configured to boot `kernel`.
+    pub fn start_with(extra_config: &str, kernel: &Path) -> Containerd {
         let dir = tempfile::Builder::new()
             .prefix("husk-ctrd")
             .tempdir()
@@ -49,7 +54,7 @@ impl Containerd {
             &husk_config,
             format!(
                 "[hypervisor]\nkernel = {:?}\ninitrd = {:?}\nconsole = {:?}\n[runtime]\nstate_dir = {:?}\nlog_level = \"debug\"\n",
-                guest_kernel(),
+                kernel,
                 guest_initrd(),
                 root.join("console.log"),
                 husk_state
@@ -180,6 +185,23 @@ impl Containerd {
             .map(str::to_string)
             .collect()
     }
+}
+
+/// The shim process serving task `id` (`binary` is e.g.
+/// `containerd-shim-husk-v2`): the server, not a `start`/`delete` run.
+pub fn shim_pid(binary: &str, id: &str) -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|p| {
+        let pid: u32 = p.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(p.path().join("cmdline")).ok()?;
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let is_binary = args.first().is_some_and(|a| a.ends_with(binary));
+        let serves = args.windows(2).any(|w| w[0] == "-id" && w[1] == id);
+        let bootstrap = args.iter().any(|a| a == "start" || a == "delete");
+        (is_binary && serves && !bootstrap).then_some(pid)
+    })
 }
 
 /// Processes of the husk shim still alive.

@@ -261,3 +261,167 @@ fn exec_pause_metrics_and_signals_on_two_containers() {
     assert_eq!(codes, [Some(42), Some(137)], "{}", c.diagnostics());
     assert_clean(&c);
 }
+
+/// Waits until task `id` runs; panics with diagnostics after `timeout`.
+fn wait_running(c: &Containerd, id: &str, timeout: Duration) {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let ls = c.ctr_ok(&["tasks", "ls"]);
+        if ls
+            .lines()
+            .any(|l| l.starts_with(id) && l.contains("RUNNING"))
+        {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{id} did not start: {ls}\n{}",
+            c.diagnostics()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// A shim killed with SIGKILL takes its VM with it; containerd then runs
+/// `containerd-shim-husk-v2 delete`, which must remove the mounts and the
+/// sandbox directory from the state the shim persisted.
+#[test]
+fn delete_after_a_crashed_shim_cleans_up() {
+    let c = ctrd();
+    let run = c
+        .ctr_command(&run_args(&[], "crash", &["sleep", "3600"]))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_running(&c, "crash", Duration::from_secs(600));
+    assert!(
+        !c.husk_mounts().is_empty(),
+        "the running container has its rootfs mounted"
+    );
+    let pid = shim_pid("containerd-shim-husk-v2", "crash").expect("shim process");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    // ctr's own Wait breaks with the connection; containerd notices the dead
+    // shim, runs `shim delete` and marks the task stopped.
+    let out = run.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while c
+        .ctr_ok(&["tasks", "ls"])
+        .lines()
+        .any(|l| l.starts_with("crash") && l.contains("RUNNING"))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "task still running after its shim died\n{}",
+            c.diagnostics()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // `ctr run --rm` may already have removed them.
+    let _ = c.ctr(&["tasks", "rm", "-f", "crash"]);
+    let _ = c.ctr(&["containers", "rm", "crash"]);
+    assert_clean(&c);
+}
+
+/// Bad configuration and options fail at create with an error naming the
+/// problem, and leave nothing behind.
+#[test]
+fn missing_kernel_and_unknown_runtime_options_are_clear_errors() {
+    let missing = std::path::Path::new("/nonexistent/husk/vmlinux");
+    let c = Containerd::start_with("", missing);
+    c.import_test_image("default");
+    let out = c.ctr(&run_args(&[], "nokernel", &["true"]));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("/nonexistent/husk/vmlinux"),
+        "error should name the kernel: {stderr}"
+    );
+    let _ = c.ctr(&["containers", "rm", "nokernel"]);
+
+    // The runtime option ctr can send for husk (ConfigPath): a missing file
+    // and a file with an unknown key are both named.
+    let out = c.ctr(&run_args(
+        &["--runtime-config-path", "/nonexistent/husk.toml"],
+        "noconfig",
+        &["true"],
+    ));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("/nonexistent/husk.toml"),
+        "error should name the config: {stderr}"
+    );
+    let _ = c.ctr(&["containers", "rm", "noconfig"]);
+    let typo = c.dir.path().join("typo.toml");
+    std::fs::write(&typo, "[hypervisor]\nvcpu = 2\n").unwrap();
+    let out = c.ctr(&run_args(
+        &["--runtime-config-path", typo.to_str().unwrap()],
+        "typo",
+        &["true"],
+    ));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("vcpu"),
+        "error should name the unknown key: {stderr}"
+    );
+    let _ = c.ctr(&["containers", "rm", "typo"]);
+    assert_clean(&c);
+}
+
+/// The shim's own logs, the guest console and the agent's logs all reach
+/// containerd's log.
+#[test]
+fn shim_guest_and_agent_logs_reach_containerd() {
+    let c = ctrd();
+    let out = c.ctr(&run_args(&[], "logs", &["true"]));
+    assert!(out.status.success(), "{}", c.diagnostics());
+    let log = c.log();
+    assert!(log.contains("husk shim serving"), "shim log missing");
+    assert!(log.contains("husk::guest"), "agent log lines missing");
+    assert!(log.contains("agent ready"), "sandbox lifecycle missing");
+    assert_clean(&c);
+}
+
+/// `husk check` passes on this machine with containerd and the shim on PATH.
+#[test]
+fn husk_check_passes() {
+    let c = Containerd::start("");
+    let husk = shim_dir().join("husk");
+    let path = format!(
+        "{}:{}",
+        shim_dir().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = std::process::Command::new(&husk)
+        .arg("check")
+        .env("PATH", path)
+        .env("HUSK_CONFIG", c.dir.path().join("husk.toml"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    for what in [
+        "/dev/kvm",
+        "KVM capabilities",
+        "config",
+        "guest kernel",
+        "guest initramfs",
+        "shim on PATH",
+        "containerd",
+    ] {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.starts_with("PASS") && l.contains(what)),
+            "no PASS for {what}:\n{stdout}"
+        );
+    }
+    assert!(stdout.contains("host profile"), "{stdout}");
+}

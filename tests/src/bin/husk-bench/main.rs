@@ -15,6 +15,8 @@ use husk_hypervisor::host::{HostProfile, HostProfileSetting};
 use husk_hypervisor::vm::guest_cmdline;
 use serde_json::{json, Value};
 
+mod start;
+
 /// The line husk-agent writes to /dev/console once it serves requests.
 const READY_MARKER: &str = husk_protocol::AGENT_READY_CONSOLE_LINE;
 const RUN_TIMEOUT: Duration = Duration::from_secs(300);
@@ -28,6 +30,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Bench {
+    /// `ctr run --rm` latency, husk vs runc, and shim memory per idle container.
+    Start {
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Boot to agent ready: husk-vmm vs qemu microvm.
     Boot {
         #[arg(long)]
@@ -51,6 +60,7 @@ enum Bench {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.bench {
+        Bench::Start { runs, out } => start::bench_start(runs, &out),
         Bench::Boot {
             kernel,
             initrd,
@@ -155,7 +165,7 @@ fn bench_boot(
     Ok(())
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
         return f64::NAN;
     }
@@ -168,7 +178,7 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-fn summary(v: Vec<f64>) -> Value {
+pub(crate) fn summary(v: Vec<f64>) -> Value {
     if v.is_empty() {
         return Value::Null;
     }
