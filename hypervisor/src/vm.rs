@@ -20,6 +20,7 @@ use crate::device_manager::DeviceManager;
 use crate::devices::legacy::power::{AcpiPowerPorts, I8042};
 use crate::devices::legacy::serial::{ConsoleOutput, ConsoleSink, SerialDevice};
 use crate::devices::virtio::fs::{CachePolicy, Fs, FsOptions};
+use crate::devices::virtio::net::{open_tap, Net};
 use crate::devices::virtio::vsock::Vsock;
 use crate::exit::{ExitReason, ExitSignal};
 use crate::host::{HostProfile, HostProfileSetting};
@@ -63,6 +64,17 @@ pub struct SharedFsConfig {
     pub xattr: bool,
 }
 
+/// A guest NIC backed by a tap device on the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    /// The tap's name (created if missing, removed with the VM).
+    pub tap_name: String,
+    /// The network namespace to create the tap in (e.g. a pod's netns).
+    pub netns: Option<PathBuf>,
+    pub mac: [u8; 6],
+    pub mtu: Option<u16>,
+}
+
 /// Everything needed to start a VM.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
@@ -79,6 +91,7 @@ pub struct VmConfig {
     pub console: ConsoleOutput,
     pub vsock: Option<VsockConfig>,
     pub shared_fs: Option<SharedFsConfig>,
+    pub net: Vec<NetConfig>,
 }
 
 impl VmConfig {
@@ -94,6 +107,7 @@ impl VmConfig {
             console: ConsoleOutput::Discard,
             vsock: None,
             shared_fs: None,
+            net: Vec::new(),
         }
     }
 }
@@ -136,6 +150,14 @@ pub enum VmError {
     },
     #[error("cannot set up the shared directory: {0}")]
     SharedFs(#[from] crate::devices::virtio::fs::FsError),
+    #[error("cannot open tap {name}: {source}")]
+    Tap {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot set up the NIC: {0}")]
+    Net(#[from] crate::devices::virtio::net::NetError),
     #[error(transparent)]
     Bus(#[from] crate::bus::BusError),
     #[error("cannot open console output: {0}")]
@@ -285,6 +307,15 @@ impl Vm {
             };
             let device = Fs::new(&share.tag, &share.dir, options)?;
             devices.add_virtio(&vm_fd, &mem, &mut mmio, "fs", Box::new(device))?;
+        }
+        for nic in &config.net {
+            let tap =
+                open_tap(&nic.tap_name, nic.netns.as_deref()).map_err(|source| VmError::Tap {
+                    name: nic.tap_name.clone(),
+                    source,
+                })?;
+            let device = Net::new(tap, nic.mac, nic.mtu)?;
+            devices.add_virtio(&vm_fd, &mem, &mut mmio, "net", Box::new(device))?;
         }
 
         let rsdp = acpi::write_tables(&mem, config.vcpus, devices.acpi_devices())?;

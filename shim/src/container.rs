@@ -112,11 +112,16 @@ impl Shim {
         Ok(config)
     }
 
-    async fn boot(self: &Arc<Self>, config: &Config) -> ttrpc::Result<Arc<Sandbox>> {
+    /// Boots the VM on the first task (`pod` describes that task).
+    async fn boot(
+        self: &Arc<Self>,
+        config: &Config,
+        pod: &spec::PodInfo,
+    ) -> ttrpc::Result<Arc<Sandbox>> {
         let sandbox = self
             .sandbox
             .get_or_try_init(|| async {
-                let sandbox = Sandbox::boot(config, &self.namespace, &self.sandbox_id)
+                let sandbox = Sandbox::boot(config, &self.namespace, &self.sandbox_id, pod)
                     .await
                     .map_err(|e| internal(e.to_string()))?;
                 let sandbox = Arc::new(sandbox);
@@ -175,9 +180,10 @@ impl Shim {
         }
         let config = self.config(req)?;
         let bundle = PathBuf::from(&req.bundle);
-        let guest = spec::load(&bundle)
-            .and_then(|s| spec::for_guest(s, id))
-            .map_err(|e| invalid(e.to_string()))?;
+        let spec_json = spec::load(&bundle).map_err(|e| invalid(e.to_string()))?;
+        let pod = spec::pod_info(&spec_json);
+        let guest =
+            spec::for_guest(spec_json, id, pod.is_sandbox).map_err(|e| invalid(e.to_string()))?;
         let stdio = Stdio {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),
@@ -191,7 +197,7 @@ impl Shim {
             )));
         }
 
-        let sandbox = self.boot(&config).await?;
+        let sandbox = self.boot(&config, &pod).await?;
         let dirs = ContainerDirs::new(&sandbox.shared_dir, id);
         TaskState {
             sandbox_dir: sandbox_dir(&config, &self.namespace, &self.sandbox_id),

@@ -7,6 +7,7 @@ pub mod events;
 pub mod io;
 pub mod logging;
 pub mod metrics;
+pub mod network;
 pub mod options;
 pub mod process;
 pub mod rootfs;

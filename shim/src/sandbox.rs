@@ -13,14 +13,18 @@ use std::time::Duration;
 
 use husk_config::Config;
 use husk_hypervisor::cpuid::CpuidPolicy;
-use husk_hypervisor::vm::SharedFsConfig;
+use husk_hypervisor::vm::{NetConfig, SharedFsConfig};
 use husk_hypervisor::{ConsoleOutput, ExitReason, HostProfileSetting, Vm, VmConfig, VsockConfig};
-use husk_protocol::agent::{CreateSandboxRequest, DestroySandboxRequest, Storage};
+use husk_protocol::agent::{
+    CreateSandboxRequest, DestroySandboxRequest, Storage, UpdateInterfaceRequest,
+    UpdateRoutesRequest,
+};
 use husk_protocol::AgentServiceClient;
 use tokio::io::unix::AsyncFd;
 
+use crate::network::{self, PodNetwork};
 use crate::process::lock;
-use crate::spec::GUEST_SHARED_DIR;
+use crate::spec::{PodInfo, GUEST_SHARED_DIR};
 
 /// virtio-fs tag of the share.
 pub const SHARED_FS_TAG: &str = "husk";
@@ -46,6 +50,8 @@ pub enum SandboxError {
     Agent(String),
     #[error("agent {rpc} failed: {message}")]
     Rpc { rpc: &'static str, message: String },
+    #[error("pod network: {0}")]
+    Network(#[from] network::NetworkError),
 }
 
 /// A running VM with its agent.
@@ -73,7 +79,28 @@ pub fn sandbox_dir(config: &Config, namespace: &str, id: &str) -> PathBuf {
     config.runtime.state_dir.join(namespace).join(id)
 }
 
-fn vm_config(config: &Config, dir: &Path, shared_dir: &Path) -> Result<VmConfig, SandboxError> {
+/// The VM's size: the configured defaults plus the pod's limits (CRI
+/// passes them as sandbox annotations), capped at what a VM can have.
+fn vm_size(config: &Config, pod: &PodInfo) -> (u8, u64) {
+    let extra_mib = pod.memory_limit.map_or(0, |bytes| bytes.div_ceil(1 << 20));
+    let vcpus = config
+        .hypervisor
+        .vcpus
+        .saturating_add(pod.cpus.unwrap_or(0))
+        .min(husk_hypervisor::vm::MAX_VCPUS);
+    (
+        vcpus,
+        config.hypervisor.memory_mib.saturating_add(extra_mib),
+    )
+}
+
+fn vm_config(
+    config: &Config,
+    dir: &Path,
+    shared_dir: &Path,
+    pod: &PodInfo,
+    net: Option<&PodNetwork>,
+) -> Result<VmConfig, SandboxError> {
     config.check_guest_assets()?;
     let hv = &config.hypervisor;
     let bad = |message: String| SandboxError::BadConfig {
@@ -82,8 +109,20 @@ fn vm_config(config: &Config, dir: &Path, shared_dir: &Path) -> Result<VmConfig,
     };
     let mut vm = VmConfig::new(&hv.kernel);
     vm.initrd = Some(hv.initrd.clone());
-    vm.vcpus = hv.vcpus;
-    vm.memory_mib = hv.memory_mib;
+    (vm.vcpus, vm.memory_mib) = vm_size(config, pod);
+    vm.net = net
+        .map(|n| {
+            n.interfaces
+                .iter()
+                .map(|i| NetConfig {
+                    tap_name: i.tap_name.clone(),
+                    netns: Some(n.netns.clone()),
+                    mac: i.mac,
+                    mtu: u16::try_from(i.mtu).ok(),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
     vm.cpuid = CpuidPolicy {
         hide: hv.cpuid_hide.clone(),
     };
@@ -121,14 +160,23 @@ fn rpc_err(rpc: &'static str) -> impl FnOnce(ttrpc::Error) -> SandboxError {
 
 impl Sandbox {
     /// Boots the VM and waits for its agent.
-    pub async fn boot(config: &Config, namespace: &str, id: &str) -> Result<Sandbox, SandboxError> {
+    pub async fn boot(
+        config: &Config,
+        namespace: &str,
+        id: &str,
+        pod: &PodInfo,
+    ) -> Result<Sandbox, SandboxError> {
         let dir = sandbox_dir(config, namespace, id);
         let shared_dir = dir.join("shared");
+        let net = match &pod.netns {
+            Some(netns) => Some(network::discover(netns).await?),
+            None => None,
+        };
         // Validate before creating anything on the host.
-        let vm_config = vm_config(config, &dir, &shared_dir)?;
+        let vm_config = vm_config(config, &dir, &shared_dir, pod, net.as_ref())?;
         create_private_dir(&dir)?;
         create_private_dir(&shared_dir)?;
-        let booted = Self::boot_in(config, id, dir.clone(), shared_dir, vm_config).await;
+        let booted = Self::boot_in(config, id, dir.clone(), shared_dir, vm_config, pod, net).await;
         if booted.is_err() {
             remove_sandbox_dir(&dir);
         }
@@ -141,6 +189,8 @@ impl Sandbox {
         dir: PathBuf,
         shared_dir: PathBuf,
         vm_config: VmConfig,
+        pod: &PodInfo,
+        net: Option<PodNetwork>,
     ) -> Result<Sandbox, SandboxError> {
         let vsock_uds = dir.join("vsock.sock");
         // A previous shim of this sandbox that crashed may have left these.
@@ -167,6 +217,18 @@ impl Sandbox {
             profile = vm.host_profile().name(),
             "VM started ({stats:?})"
         );
+        // The VMM created the taps; mirror them to the pod's interfaces while
+        // the guest boots.
+        if let Some(net) = &net {
+            if let Err(e) = network::connect(net).await {
+                let _ = tokio::task::spawn_blocking(move || {
+                    let mut vm = vm;
+                    vm.stop()
+                })
+                .await;
+                return Err(e.into());
+            }
+        }
 
         let boot_timeout = Duration::from_secs(config.agent.boot_timeout_secs);
         let agent = match husk_vsock::agent_client(&vsock_uds, boot_timeout).await {
@@ -193,7 +255,7 @@ impl Sandbox {
             exit_fd,
             _guest_log: guest_log,
         };
-        if let Err(e) = sandbox.create_guest_sandbox().await {
+        if let Err(e) = sandbox.create_guest_sandbox(pod, net.as_ref()).await {
             sandbox.stop_vm().await;
             return Err(e);
         }
@@ -201,18 +263,47 @@ impl Sandbox {
         Ok(sandbox)
     }
 
-    async fn create_guest_sandbox(&self) -> Result<(), SandboxError> {
+    /// Mounts the share in the guest, sets the hostname and gives the guest
+    /// NIC(s) the pod's addresses and routes.
+    async fn create_guest_sandbox(
+        &self,
+        pod: &PodInfo,
+        net: Option<&PodNetwork>,
+    ) -> Result<(), SandboxError> {
         let mut share = Storage::new();
         share.source = SHARED_FS_TAG.into();
         share.fstype = "virtiofs".into();
         share.mount_point = GUEST_SHARED_DIR.into();
         let mut req = CreateSandboxRequest::new();
         req.sandbox_id = self.id.clone();
+        req.hostname = pod.hostname.clone().unwrap_or_default();
         req.storages.push(share);
         self.agent
             .create_sandbox(self.ctx(), &req)
             .await
             .map_err(rpc_err("CreateSandbox"))?;
+        let Some(net) = net else { return Ok(()) };
+        for iface in &net.interfaces {
+            let mut update = UpdateInterfaceRequest::new();
+            update.interface = Some(network::guest_interface(iface)).into();
+            self.agent
+                .update_interface(self.ctx(), &update)
+                .await
+                .map_err(rpc_err("UpdateInterface"))?;
+        }
+        if !net.routes.is_empty() {
+            let mut routes = UpdateRoutesRequest::new();
+            routes.routes = net.routes.clone();
+            self.agent
+                .update_routes(self.ctx(), &routes)
+                .await
+                .map_err(rpc_err("UpdateRoutes"))?;
+        }
+        tracing::info!(
+            sandbox = self.id,
+            "guest network configured: {:?}",
+            net.interfaces
+        );
         Ok(())
     }
 
@@ -296,5 +387,27 @@ pub fn remove_sandbox_dir(dir: &Path) {
         if e.kind() != std::io::ErrorKind::NotFound {
             tracing::warn!("cannot remove {}: {e}", dir.display());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_is_sized_from_defaults_plus_pod_limits() {
+        let config = Config::default();
+        assert_eq!(vm_size(&config, &PodInfo::default()), (1, 256));
+        let pod = PodInfo {
+            memory_limit: Some((200 << 20) + 1),
+            cpus: Some(2),
+            ..PodInfo::default()
+        };
+        assert_eq!(vm_size(&config, &pod), (3, 256 + 201));
+        let huge = PodInfo {
+            cpus: Some(200),
+            ..PodInfo::default()
+        };
+        assert_eq!(vm_size(&config, &huge).0, husk_hypervisor::vm::MAX_VCPUS);
     }
 }

@@ -52,6 +52,68 @@ pub struct GuestSpec {
     pub terminal: bool,
 }
 
+/// CRI annotations on a pod's sandbox (and containers).
+pub const CONTAINER_TYPE_ANNOTATION: &str = "io.kubernetes.cri.container-type";
+const SANDBOX_MEMORY_ANNOTATION: &str = "io.kubernetes.cri.sandbox-memory";
+const SANDBOX_CPU_QUOTA_ANNOTATION: &str = "io.kubernetes.cri.sandbox-cpu-quota";
+const SANDBOX_CPU_PERIOD_ANNOTATION: &str = "io.kubernetes.cri.sandbox-cpu-period";
+
+/// What the VM needs to know from the spec of the task that boots it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PodInfo {
+    /// This task is a CRI pod sandbox (the pause container).
+    pub is_sandbox: bool,
+    /// The pod's network namespace (CNI has set it up).
+    pub netns: Option<PathBuf>,
+    pub hostname: Option<String>,
+    /// The pod's memory limit (all containers), bytes.
+    pub memory_limit: Option<u64>,
+    /// The pod's CPU limit, in whole CPUs rounded up.
+    pub cpus: Option<u8>,
+}
+
+fn annotation<'a>(spec: &'a Value, key: &str) -> Option<&'a str> {
+    spec.get("annotations")?.get(key)?.as_str()
+}
+
+/// Reads [`PodInfo`] from a spec.
+pub fn pod_info(spec: &Value) -> PodInfo {
+    let netns = spec
+        .pointer("/linux/namespaces")
+        .and_then(Value::as_array)
+        .and_then(|nss| {
+            nss.iter()
+                .find(|ns| ns.get("type").and_then(Value::as_str) == Some("network"))
+        })
+        .and_then(|ns| ns.get("path"))
+        .and_then(Value::as_str)
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from);
+    let number = |key| annotation(spec, key).and_then(|v| v.trim().parse::<i64>().ok());
+    let cpus = match (
+        number(SANDBOX_CPU_QUOTA_ANNOTATION),
+        number(SANDBOX_CPU_PERIOD_ANNOTATION),
+    ) {
+        (Some(quota), Some(period)) if quota > 0 && period > 0 => {
+            Some(u8::try_from((quota + period - 1) / period).unwrap_or(u8::MAX))
+        }
+        _ => None,
+    };
+    PodInfo {
+        is_sandbox: annotation(spec, CONTAINER_TYPE_ANNOTATION) == Some("sandbox"),
+        netns,
+        hostname: spec
+            .get("hostname")
+            .and_then(Value::as_str)
+            .filter(|h| !h.is_empty())
+            .map(str::to_string),
+        memory_limit: number(SANDBOX_MEMORY_ANNOTATION)
+            .and_then(|m| u64::try_from(m).ok())
+            .filter(|m| *m > 0),
+        cpus,
+    }
+}
+
 /// Guest path of a container's rootfs.
 pub fn guest_rootfs(container_id: &str) -> String {
     format!("{GUEST_SHARED_DIR}/{container_id}/rootfs")
@@ -96,7 +158,14 @@ fn strip_host_security(process: &mut Value) {
 }
 
 /// Rewrites `spec` for container `container_id` in the guest.
-pub fn for_guest(mut spec: Value, container_id: &str) -> Result<GuestSpec, SpecError> {
+/// `pod_sandbox`: the task is a pod's sandbox container, whose network, IPC
+/// and UTS namespaces are the VM's own (every container of the pod then
+/// shares them by using the VM's).
+pub fn for_guest(
+    mut spec: Value,
+    container_id: &str,
+    pod_sandbox: bool,
+) -> Result<GuestSpec, SpecError> {
     let obj = spec
         .as_object_mut()
         .ok_or_else(|| SpecError::InvalidProcess("spec is not an object".into()))?;
@@ -152,13 +221,28 @@ pub fn for_guest(mut spec: Value, container_id: &str) -> Result<GuestSpec, SpecE
                 let kind = ns.get("type").and_then(Value::as_str).unwrap_or_default();
                 let has_path = ns.get("path").is_some_and(|p| p.as_str() != Some(""));
                 // The VM's own network namespace is the pod's network.
-                kind != "network" && !(has_path && matches!(kind, "ipc" | "uts"))
+                kind != "network" && !((has_path || pod_sandbox) && matches!(kind, "ipc" | "uts"))
             });
             for ns in namespaces.iter_mut() {
                 if let Some(ns) = ns.as_object_mut() {
                     ns.remove("path");
                 }
             }
+        }
+    }
+
+    // A hostname needs a UTS namespace of the container's own; without one
+    // the container uses the VM's, whose hostname the sandbox sets.
+    let has_uts = spec
+        .pointer("/linux/namespaces")
+        .and_then(Value::as_array)
+        .is_some_and(|nss| {
+            nss.iter()
+                .any(|ns| ns.get("type").and_then(Value::as_str) == Some("uts"))
+        });
+    if !has_uts {
+        if let Some(obj) = spec.as_object_mut() {
+            obj.remove("hostname");
         }
     }
 
@@ -212,7 +296,7 @@ mod tests {
 
     #[test]
     fn rewrites_host_paths_for_the_guest() {
-        let guest = for_guest(cri_like_spec(), "c1").unwrap();
+        let guest = for_guest(cri_like_spec(), "c1", false).unwrap();
         let spec: Value = serde_json::from_slice(&guest.json).unwrap();
         assert_eq!(
             spec["root"],
@@ -247,6 +331,44 @@ mod tests {
             .collect();
         assert_eq!(kinds, ["pid", "uts", "mount"]);
         assert!(guest.terminal);
+    }
+
+    #[test]
+    fn pod_sandbox_uses_the_vms_namespaces_and_sizes_the_vm() {
+        let mut spec = cri_like_spec();
+        spec["hostname"] = json!("pod-a");
+        spec["annotations"] = json!({
+            "io.kubernetes.cri.container-type": "sandbox",
+            "io.kubernetes.cri.sandbox-memory": "268435456",
+            "io.kubernetes.cri.sandbox-cpu-quota": "150000",
+            "io.kubernetes.cri.sandbox-cpu-period": "100000"
+        });
+        let info = pod_info(&spec);
+        assert_eq!(
+            info,
+            PodInfo {
+                is_sandbox: true,
+                netns: Some("/var/run/netns/cni-1".into()),
+                hostname: Some("pod-a".into()),
+                memory_limit: Some(256 << 20),
+                cpus: Some(2),
+            }
+        );
+        let guest: Value =
+            serde_json::from_slice(&for_guest(spec, "pod", true).unwrap().json).unwrap();
+        let kinds: Vec<_> = guest["linux"]["namespaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["type"].as_str().unwrap())
+            .collect();
+        assert_eq!(kinds, ["pid", "mount"]);
+        assert!(
+            guest.get("hostname").is_none(),
+            "no UTS namespace of its own: no hostname"
+        );
+        // Without annotations nothing is sized.
+        assert_eq!(pod_info(&cri_like_spec()).memory_limit, None);
     }
 
     #[test]

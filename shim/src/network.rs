@@ -1,0 +1,318 @@
+//! Pod networking, tc-filter model (as Kata does): CNI put a veth (`eth0`)
+//! with the pod's MAC, addresses and routes into the pod's network
+//! namespace. The shim creates a tap next to it (the VMM's virtio-net
+//! backend) and mirrors every frame arriving on one to the other with tc
+//! (ingress qdisc + u32 match-all + mirred egress redirect); the guest NIC
+//! gets eth0's MAC, MTU, addresses and routes from the agent. Works with any
+//! CNI plugin, and nothing in the pod namespace's own IP stack is used.
+
+use std::fs::File;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use futures_util::TryStreamExt;
+use husk_protocol::agent::{Interface, IpAddress, Route};
+use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
+use rtnetlink::packet_route::route::{
+    RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteType,
+};
+use rtnetlink::{Handle, RouteMessageBuilder};
+
+/// Errors reading or plumbing the pod's network.
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    #[error("cannot enter network namespace {path}: {message}")]
+    Netns { path: PathBuf, message: String },
+    #[error("netlink {what} in {netns}: {message}")]
+    Netlink {
+        what: String,
+        netns: PathBuf,
+        message: String,
+    },
+}
+
+/// The main routing table.
+const MAIN_TABLE: u8 = 254;
+/// ETH_P_ALL, in network byte order as tc's protocol field wants it.
+const ETH_P_ALL_BE: u16 = 0x0003u16.to_be();
+/// tc handle of the ingress qdisc's parent ("ffff:").
+const INGRESS_PARENT: u32 = 0xffff_0000;
+
+/// One CNI interface of the pod and the tap mirrored to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodInterface {
+    pub name: String,
+    pub mac: [u8; 6],
+    pub mtu: u32,
+    /// (address, prefix length)
+    pub addresses: Vec<(IpAddr, u8)>,
+    pub tap_name: String,
+}
+
+/// What the pod's network namespace holds, as the guest should see it.
+#[derive(Debug, Clone)]
+pub struct PodNetwork {
+    pub netns: PathBuf,
+    pub interfaces: Vec<PodInterface>,
+    pub routes: Vec<Route>,
+}
+
+/// A netlink handle whose socket lives in `netns`: the socket is created on
+/// a short-lived thread that entered the namespace (sockets keep the
+/// namespace they were created in), so this process's threads stay put.
+fn handle_in(netns: &Path) -> Result<Handle, NetworkError> {
+    let err = |message: String| NetworkError::Netns {
+        path: netns.to_path_buf(),
+        message,
+    };
+    let file = File::open(netns).map_err(|e| err(e.to_string()))?;
+    let runtime = tokio::runtime::Handle::current();
+    let created = std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(|e| e.to_string())?;
+                // The socket registers with this runtime's reactor.
+                let _entered = runtime.enter();
+                rtnetlink::new_connection().map_err(|e| e.to_string())
+            })
+            .join()
+            .map_err(|_| "netlink thread panicked".to_string())?
+    });
+    let (connection, handle, _) = created.map_err(err)?;
+    tokio::spawn(connection);
+    Ok(handle)
+}
+
+fn nl_err(what: impl Into<String>, netns: &Path) -> impl FnOnce(rtnetlink::Error) -> NetworkError {
+    let what = what.into();
+    let netns = netns.to_path_buf();
+    move |e| NetworkError::Netlink {
+        what,
+        netns,
+        message: e.to_string(),
+    }
+}
+
+struct Link {
+    index: u32,
+    name: String,
+    mac: Option<[u8; 6]>,
+    mtu: u32,
+}
+
+fn link_of(msg: &LinkMessage) -> Link {
+    let mut link = Link {
+        index: msg.header.index,
+        name: String::new(),
+        mac: None,
+        mtu: 0,
+    };
+    for attr in &msg.attributes {
+        match attr {
+            LinkAttribute::IfName(n) => link.name = n.clone(),
+            LinkAttribute::Address(a) => link.mac = <[u8; 6]>::try_from(a.as_slice()).ok(),
+            LinkAttribute::Mtu(m) => link.mtu = *m,
+            _ => {}
+        }
+    }
+    link
+}
+
+/// Interfaces CNI made: ethernet links other than loopback and our taps.
+fn is_pod_interface(link: &Link) -> bool {
+    link.name != "lo" && !link.name.starts_with(TAP_PREFIX) && link.mac.is_some_and(|m| m != [0; 6])
+}
+
+/// Our taps are `husk_tap<N>`.
+const TAP_PREFIX: &str = "husk_tap";
+
+async fn links(handle: &Handle, netns: &Path) -> Result<Vec<Link>, NetworkError> {
+    let msgs: Vec<LinkMessage> = handle
+        .link()
+        .get()
+        .execute()
+        .try_collect()
+        .await
+        .map_err(nl_err("list links", netns))?;
+    Ok(msgs.iter().map(link_of).collect())
+}
+
+fn route_ip(a: &RouteAddress) -> Option<IpAddr> {
+    match a {
+        RouteAddress::Inet(ip) => Some(IpAddr::V4(*ip)),
+        RouteAddress::Inet6(ip) => Some(IpAddr::V6(*ip)),
+        _ => None,
+    }
+}
+
+/// A main-table route for the guest, unless the guest kernel makes it
+/// itself (connected and link-local routes, protocol "kernel").
+fn route_for_guest(msg: &RouteMessage, links: &[Link]) -> Option<Route> {
+    if msg.header.table != MAIN_TABLE
+        || msg.header.protocol == RouteProtocol::Kernel
+        || msg.header.kind != RouteType::Unicast
+    {
+        return None;
+    }
+    let mut route = Route::new();
+    route.scope = u32::from(u8::from(msg.header.scope));
+    let mut dest = None;
+    for attr in &msg.attributes {
+        match attr {
+            RouteAttribute::Destination(a) => dest = route_ip(a),
+            RouteAttribute::Gateway(a) => route.gateway = route_ip(a)?.to_string(),
+            RouteAttribute::PrefSource(a) => route.source = route_ip(a)?.to_string(),
+            RouteAttribute::Oif(index) => {
+                let link = links.iter().find(|l| l.index == *index)?;
+                if !is_pod_interface(link) {
+                    return None;
+                }
+                route.device = link.name.clone();
+            }
+            _ => {}
+        }
+    }
+    if let Some(dest) = dest {
+        route.dest = format!("{dest}/{}", msg.header.destination_prefix_length);
+    }
+    Some(route)
+}
+
+/// Reads the pod's interfaces and routes in `netns`.
+pub async fn discover(netns: &Path) -> Result<PodNetwork, NetworkError> {
+    let handle = handle_in(netns)?;
+    let all_links = links(&handle, netns).await?;
+    let mut interfaces = Vec::new();
+    for link in all_links.iter().filter(|l| is_pod_interface(l)) {
+        let mut addresses = Vec::new();
+        let msgs: Vec<_> = handle
+            .address()
+            .get()
+            .set_link_index_filter(link.index)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl_err(format!("list addresses of {}", link.name), netns))?;
+        for msg in msgs {
+            let mut ip = None;
+            for attr in &msg.attributes {
+                match attr {
+                    AddressAttribute::Local(a) => ip = Some(*a),
+                    AddressAttribute::Address(a) if ip.is_none() => ip = Some(*a),
+                    _ => {}
+                }
+            }
+            // The guest makes its own IPv6 link-local address from the MAC.
+            if let Some(ip) = ip.filter(|ip| !is_link_local(ip)) {
+                addresses.push((ip, msg.header.prefix_len));
+            }
+        }
+        interfaces.push(PodInterface {
+            name: link.name.clone(),
+            mac: link.mac.unwrap_or_default(),
+            mtu: link.mtu,
+            addresses,
+            tap_name: format!("{TAP_PREFIX}{}", interfaces.len()),
+        });
+    }
+    let mut routes = Vec::new();
+    for msgs in [
+        handle
+            .route()
+            .get(RouteMessageBuilder::<std::net::Ipv4Addr>::new().build())
+            .execute(),
+        handle
+            .route()
+            .get(RouteMessageBuilder::<std::net::Ipv6Addr>::new().build())
+            .execute(),
+    ] {
+        let msgs: Vec<RouteMessage> = msgs
+            .try_collect()
+            .await
+            .map_err(nl_err("list routes", netns))?;
+        routes.extend(msgs.iter().filter_map(|m| route_for_guest(m, &all_links)));
+    }
+    Ok(PodNetwork {
+        netns: netns.to_path_buf(),
+        interfaces,
+        routes,
+    })
+}
+
+fn is_link_local(ip: &IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
+    }
+}
+
+/// Mirrors each pod interface and its tap (which the VMM created) both ways.
+pub async fn connect(net: &PodNetwork) -> Result<(), NetworkError> {
+    let handle = handle_in(&net.netns)?;
+    let all = links(&handle, &net.netns).await?;
+    let index = |name: &str| {
+        all.iter()
+            .find(|l| l.name == name)
+            .map(|l| l.index)
+            .ok_or_else(|| NetworkError::Netlink {
+                what: format!("find {name}"),
+                netns: net.netns.clone(),
+                message: "no such interface".into(),
+            })
+    };
+    for iface in &net.interfaces {
+        let (veth, tap) = (index(&iface.name)?, index(&iface.tap_name)?);
+        for (from, to) in [(veth, tap), (tap, veth)] {
+            handle
+                .qdisc()
+                .add(from as i32)
+                .ingress()
+                .execute()
+                .await
+                .map_err(nl_err(
+                    format!("add ingress qdisc on link {from}"),
+                    &net.netns,
+                ))?;
+            handle
+                .traffic_filter(from as i32)
+                .add()
+                .parent(INGRESS_PARENT)
+                .protocol(ETH_P_ALL_BE)
+                .redirect(to)
+                .map_err(nl_err("build redirect filter", &net.netns))?
+                .execute()
+                .await
+                .map_err(nl_err(format!("redirect link {from} to {to}"), &net.netns))?;
+        }
+        tracing::info!(netns = %net.netns.display(), "{} <-> {} mirrored", iface.name, iface.tap_name);
+    }
+    Ok(())
+}
+
+fn mac_string(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// The guest interface the agent should configure for `iface`.
+pub fn guest_interface(iface: &PodInterface) -> Interface {
+    let mut out = Interface::new();
+    out.name = iface.name.clone();
+    out.hw_addr = mac_string(&iface.mac);
+    out.mtu = iface.mtu;
+    out.up = true;
+    for (ip, prefix) in &iface.addresses {
+        let mut a = IpAddress::new();
+        a.address = ip.to_string();
+        a.prefix_len = u32::from(*prefix);
+        out.addresses.push(a);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;
