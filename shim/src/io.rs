@@ -204,6 +204,65 @@ mod tests {
         assert!(a.stdin && a.stdout && !a.stderr && a.terminal);
     }
 
+    fn rss_bytes() -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap();
+        kib * 1024
+    }
+
+    /// 100 MiB through the output copy: byte-exact, and the process's
+    /// memory does not grow with the stream (fixed copy buffers).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hundred_mib_stream_in_bounded_memory() {
+        const CHUNK: usize = 1 << 20;
+        const CHUNKS: usize = 100;
+        let (mut guest_side, host_side) = tokio::net::UnixStream::pair().unwrap();
+        let (fifo_writer, mut fifo_reader) = tokio::net::UnixStream::pair().unwrap();
+        let chunk =
+            |i: usize| -> Vec<u8> { (0..CHUNK).map(|j| ((i * 31 + j * 7) % 251) as u8).collect() };
+        let before = rss_bytes();
+        let copy = spawn_output(host_side, fifo_writer, "test".into());
+        let writer = tokio::spawn(async move {
+            for i in 0..CHUNKS {
+                guest_side.write_all(&chunk(i)).await.unwrap();
+            }
+            guest_side.shutdown().await.unwrap();
+        });
+        let (mut received, mut peak, mut buf) = (0usize, before, vec![0u8; CHUNK]);
+        let mut expected_next = chunk(0);
+        let mut offset_in_chunk = 0;
+        loop {
+            let n = tokio::io::AsyncReadExt::read(&mut fifo_reader, &mut buf)
+                .await
+                .unwrap();
+            if n == 0 {
+                break;
+            }
+            for &b in &buf[..n] {
+                assert_eq!(b, expected_next[offset_in_chunk], "byte {received}");
+                offset_in_chunk += 1;
+                received += 1;
+                if offset_in_chunk == CHUNK && received < CHUNK * CHUNKS {
+                    expected_next = chunk(received / CHUNK);
+                    offset_in_chunk = 0;
+                }
+            }
+            peak = peak.max(rss_bytes());
+        }
+        writer.await.unwrap();
+        copy.await.unwrap();
+        assert_eq!(received, CHUNK * CHUNKS);
+        assert!(
+            peak.saturating_sub(before) < 16 << 20,
+            "memory grew by {} bytes while streaming 100 MiB",
+            peak - before
+        );
+    }
+
     #[tokio::test]
     async fn output_copy_is_byte_exact_and_bounded() {
         let (mut guest_side, host_side) = tokio::net::UnixStream::pair().unwrap();
