@@ -427,7 +427,7 @@ fn husk_check_passes() {
 }
 
 /// Large output arrives byte-exact through the whole path: the guest's
-/// pipe, the agent, vsock, the shim and containerd's FIFO. (8 MiB: on nested
+/// pipe, the agent, vsock, the shim and containerd's FIFO. (4 MiB: on nested
 /// hosts every byte is copied by emulated guest kernel code several times;
 /// the shim's side of a 100 MiB stream is tested in shim/src/io.rs.)
 #[test]
