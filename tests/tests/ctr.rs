@@ -50,6 +50,8 @@ fn run_args<'a>(extra: &[&'a str], id: &'a str, cmd: &[&'a str]) -> Vec<&'a str>
     args
 }
 
+/// Output, exit code, a container that exits at once, the guest kernel, and
+/// logs reaching containerd.
 #[test]
 fn output_exit_code_and_guest_kernel() {
     let c = ctrd();
@@ -79,6 +81,11 @@ fn output_exit_code_and_guest_kernel() {
     assert_ne!(guest_kernel_release(), host_kernel_release());
     assert_eq!(lines.next(), Some("to-stdout"));
     assert!(stderr.contains("to-stderr"), "{stderr}");
+    // The shim's own logs and the agent's reach containerd's log.
+    let log = c.log();
+    assert!(log.contains("husk shim serving"), "shim log missing");
+    assert!(log.contains("husk::guest"), "agent log lines missing");
+    assert!(log.contains("agent ready"), "sandbox lifecycle missing");
     assert_clean(&c);
 }
 
@@ -372,20 +379,6 @@ fn missing_kernel_and_unknown_runtime_options_are_clear_errors() {
         "error should name the unknown key: {stderr}"
     );
     let _ = c.ctr(&["containers", "rm", "typo"]);
-    assert_clean(&c);
-}
-
-/// The shim's own logs, the guest console and the agent's logs all reach
-/// containerd's log.
-#[test]
-fn shim_guest_and_agent_logs_reach_containerd() {
-    let c = ctrd();
-    let out = c.ctr(&run_args(&[], "logs", &["true"]));
-    assert!(out.status.success(), "{}", c.diagnostics());
-    let log = c.log();
-    assert!(log.contains("husk shim serving"), "shim log missing");
-    assert!(log.contains("husk::guest"), "agent log lines missing");
-    assert!(log.contains("agent ready"), "sandbox lifecycle missing");
     assert_clean(&c);
 }
 
