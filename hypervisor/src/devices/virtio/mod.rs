@@ -103,6 +103,108 @@ pub enum ActivateError {
     AlreadyActive,
 }
 
+/// Copies the config-space bytes at `offset` into `data`; bytes past the
+/// end (or at offsets that overflow) read as 0.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, byte) in data.iter_mut().enumerate() {
+        let at = offset
+            .checked_add(i as u64)
+            .and_then(|o| usize::try_from(o).ok());
+        *byte = at.and_then(|o| config.get(o)).copied().unwrap_or(0);
+    }
+}
+
+/// The driver's queues as the fixed number a device has.
+pub fn take_queues<const N: usize>(
+    queues: Vec<ActiveQueue>,
+) -> Result<[ActiveQueue; N], ActivateError> {
+    let got = queues.len();
+    queues
+        .try_into()
+        .map_err(|_| ActivateError::QueueCount { want: N, got })
+}
+
+/// A device's worker thread and the eventfd that tells it to stop.
+#[derive(Debug)]
+pub struct DeviceWorker {
+    name: String,
+    kill: EventFd,
+    thread: std::thread::JoinHandle<()>,
+    tid: i32,
+}
+
+impl DeviceWorker {
+    /// A kill eventfd for [`DeviceWorker::spawn`] and the clone the worker
+    /// polls.
+    pub fn kill_eventfds() -> Result<(EventFd, EventFd), ActivateError> {
+        let kill =
+            EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).map_err(ActivateError::Worker)?;
+        let worker_side = kill.try_clone().map_err(ActivateError::Worker)?;
+        Ok((kill, worker_side))
+    }
+
+    /// Starts thread `name`: it runs `setup` first (a failure fails the
+    /// start, and `run` never runs), then `run` until the worker sees `kill`.
+    pub fn spawn(
+        name: &str,
+        kill: EventFd,
+        setup: impl FnOnce() -> io::Result<()> + Send + 'static,
+        run: impl FnOnce() + Send + 'static,
+    ) -> Result<Self, ActivateError> {
+        let (started_tx, started_rx) = std::sync::mpsc::sync_channel(1);
+        let thread = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                let started = setup().map(|()| {
+                    // SAFETY: gettid() has no preconditions.
+                    unsafe { libc::gettid() }
+                });
+                let ok = started.is_ok();
+                let _ = started_tx.send(started);
+                if ok {
+                    run();
+                }
+            })
+            .map_err(ActivateError::Worker)?;
+        let tid = match started_rx.recv() {
+            Ok(Ok(tid)) => tid,
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                return Err(ActivateError::Worker(e));
+            }
+            Err(_) => {
+                let _ = thread.join();
+                return Err(ActivateError::Worker(io::Error::other(format!(
+                    "{name} exited before starting"
+                ))));
+            }
+        };
+        Ok(Self {
+            name: name.into(),
+            kill,
+            thread,
+            tid,
+        })
+    }
+
+    /// The worker thread's id (for /proc/self/task/<tid>).
+    pub fn tid(&self) -> i32 {
+        self.tid
+    }
+
+    /// Tells the worker to stop and waits for it. If the eventfd cannot be
+    /// written the thread is left behind rather than hanging the VMM.
+    pub fn stop(self) {
+        if let Err(e) = self.kill.write(1) {
+            tracing::error!("{}: cannot stop the worker: {e}", self.name);
+            return;
+        }
+        if self.thread.join().is_err() {
+            tracing::error!("{}: worker panicked", self.name);
+        }
+    }
+}
+
 /// The one trait every virtio device implements (Firecracker's shape).
 pub trait VirtioDevice: Send {
     /// Virtio device ID (e.g. 19 for vsock).

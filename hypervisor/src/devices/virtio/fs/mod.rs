@@ -118,16 +118,16 @@ mod worker;
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use fuse_backend_rs::passthrough::{self, PassthroughFs};
-use tracing::{debug, error, warn};
+use tracing::{debug, warn};
 use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{ActivateContext, ActivateError, ActiveQueue, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{
+    read_config_bytes, take_queues, ActivateContext, ActivateError, DeviceWorker, VirtioDevice,
+    VIRTIO_F_VERSION_1,
+};
 use guard::GuardedFs;
 use worker::{SharedFs, Worker};
 
@@ -221,13 +221,6 @@ pub enum FsError {
     NonUtf8Path(PathBuf),
 }
 
-struct WorkerHandle {
-    kill: EventFd,
-    thread: JoinHandle<()>,
-    #[cfg(test)]
-    tid: i32,
-}
-
 /// The virtio-fs device. Dropping it stops the worker.
 pub struct Fs {
     tag: String,
@@ -235,7 +228,7 @@ pub struct Fs {
     shared_dir: PathBuf,
     options: FsOptions,
     config: [u8; CONFIG_LEN],
-    worker: Option<WorkerHandle>,
+    worker: Option<DeviceWorker>,
 }
 
 fn validate_tag(tag: &str) -> Result<(), &'static str> {
@@ -302,7 +295,7 @@ impl Fs {
     /// The worker thread's kernel thread id (tests check it is gone after reset).
     #[cfg(test)]
     fn worker_tid(&self) -> Option<i32> {
-        self.worker.as_ref().map(|w| w.tid)
+        self.worker.as_ref().map(DeviceWorker::tid)
     }
 }
 
@@ -378,12 +371,7 @@ impl VirtioDevice for Fs {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        for (i, byte) in data.iter_mut().enumerate() {
-            let at = offset
-                .checked_add(i as u64)
-                .and_then(|o| usize::try_from(o).ok());
-            *byte = at.and_then(|o| self.config.get(o)).copied().unwrap_or(0);
-        }
+        read_config_bytes(&self.config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
@@ -398,71 +386,25 @@ impl VirtioDevice for Fs {
         if self.worker.is_some() {
             return Err(ActivateError::AlreadyActive);
         }
-        let got = ctx.queues.len();
-        let queues: [ActiveQueue; 2] = ctx
-            .queues
-            .try_into()
-            .map_err(|_| ActivateError::QueueCount { want: 2, got })?;
+        let queues = take_queues::<2>(ctx.queues)?;
         let fs = build_fs(&self.shared_dir, &self.options).map_err(ActivateError::Worker)?;
-        let kill = EventFd::new(EFD_NONBLOCK).map_err(ActivateError::Worker)?;
-        let worker_kill = kill.try_clone().map_err(ActivateError::Worker)?;
+        let (kill, worker_kill) = DeviceWorker::kill_eventfds()?;
         let worker = Worker::new(ctx.mem, queues, ctx.interrupt, worker_kill, fs)
             .map_err(ActivateError::Worker)?;
-        let (started_tx, started_rx) = mpsc::sync_channel(1);
-        let thread = std::thread::Builder::new()
-            .name("husk-fs".into())
-            .spawn(move || {
-                // Serving without our own fs context would let the guest's
-                // FUSE_INIT change the shim's umask: do not serve at all.
-                let started = unshare_fs_context().map(|()| {
-                    // SAFETY: gettid() has no preconditions.
-                    unsafe { libc::gettid() }
-                });
-                let ok = started.is_ok();
-                let _ = started_tx.send(started);
-                if ok {
-                    worker.run();
-                }
-            })
-            .map_err(ActivateError::Worker)?;
-        let tid = match started_rx.recv() {
-            Ok(Ok(tid)) => tid,
-            Ok(Err(e)) => {
-                let _ = thread.join();
-                return Err(ActivateError::Worker(e));
-            }
-            Err(_) => {
-                let _ = thread.join();
-                return Err(ActivateError::Worker(io::Error::other(
-                    "virtio-fs worker exited before starting",
-                )));
-            }
-        };
-        #[cfg(not(test))]
-        let _ = tid;
+        // Serving without our own fs context would let the guest's FUSE_INIT
+        // change the shim's umask: if unsharing fails, do not serve at all.
+        let worker =
+            DeviceWorker::spawn("husk-fs", kill, unshare_fs_context, move || worker.run())?;
+        self.worker = Some(worker);
         debug!(tag = %self.tag, dir = %self.shared_dir.display(), "virtio-fs: activated");
-        self.worker = Some(WorkerHandle {
-            kill,
-            thread,
-            #[cfg(test)]
-            tid,
-        });
         Ok(())
     }
 
     fn reset(&mut self) {
-        let Some(worker) = self.worker.take() else {
-            return;
-        };
-        if let Err(e) = worker.kill.write(1) {
-            // Joining would wait forever; leave the thread behind rather than hang the VMM.
-            error!("virtio-fs: cannot stop the worker: {e}");
-            return;
+        if let Some(worker) = self.worker.take() {
+            worker.stop();
+            debug!(tag = %self.tag, "virtio-fs: reset");
         }
-        if worker.thread.join().is_err() {
-            error!("virtio-fs: worker panicked");
-        }
-        debug!(tag = %self.tag, "virtio-fs: reset");
     }
 }
 

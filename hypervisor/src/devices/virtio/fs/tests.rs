@@ -23,6 +23,7 @@ use super::FsOptions;
 use super::*;
 use crate::bus::BusDevice;
 use crate::devices::virtio::mmio::*;
+use crate::devices::virtio::ActiveQueue;
 use crate::devices::virtio::Interrupt;
 
 const QSIZE: u16 = 256;

@@ -25,14 +25,15 @@ mod tap;
 mod worker;
 
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
-use tracing::{debug, error, warn};
+use tracing::{debug, warn};
 use virtio_bindings::bindings::virtio_net::*;
 use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{ActivateContext, ActivateError, ActiveQueue, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{
+    read_config_bytes, take_queues, ActivateContext, ActivateError, DeviceWorker, VirtioDevice,
+    VIRTIO_F_VERSION_1,
+};
 use worker::{Features, Worker};
 
 pub use tap::{open_tap, Tap, VNET_HDR_LEN};
@@ -67,13 +68,6 @@ fn fmt_mac(mac: &[u8; 6]) -> String {
         .join(":")
 }
 
-struct WorkerHandle {
-    kill: EventFd,
-    thread: JoinHandle<()>,
-    #[cfg(test)]
-    tid: Arc<std::sync::atomic::AtomicI32>,
-}
-
 /// The virtio-net device. Holds the tap open for its whole life (a tap
 /// [`open_tap`] created goes away when the device is dropped).
 pub struct Net {
@@ -82,7 +76,7 @@ pub struct Net {
     mtu: Option<u16>,
     config: [u8; CONFIG_LEN],
     stats: Arc<NetStats>,
-    worker: Option<WorkerHandle>,
+    worker: Option<DeviceWorker>,
 }
 
 impl Net {
@@ -132,12 +126,7 @@ impl Net {
 
     #[cfg(test)]
     fn worker_tid(&self) -> Option<i32> {
-        let tid = self
-            .worker
-            .as_ref()?
-            .tid
-            .load(std::sync::atomic::Ordering::SeqCst);
-        (tid != 0).then_some(tid)
+        self.worker.as_ref().map(DeviceWorker::tid)
     }
 }
 
@@ -171,12 +160,7 @@ impl VirtioDevice for Net {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        for (i, byte) in data.iter_mut().enumerate() {
-            let at = offset
-                .checked_add(i as u64)
-                .and_then(|o| usize::try_from(o).ok());
-            *byte = at.and_then(|o| self.config.get(o)).copied().unwrap_or(0);
-        }
+        read_config_bytes(&self.config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
@@ -193,11 +177,7 @@ impl VirtioDevice for Net {
         if self.worker.is_some() {
             return Err(ActivateError::AlreadyActive);
         }
-        let got = ctx.queues.len();
-        let queues: [ActiveQueue; 2] = ctx
-            .queues
-            .try_into()
-            .map_err(|_| ActivateError::QueueCount { want: 2, got })?;
+        let queues = take_queues::<2>(ctx.queues)?;
         let features = Features::from_acked(ctx.acked_features);
         if let Err(e) = self.tap.set_offload(features.tap_offload()) {
             // Without offloads the tap hands out plain frames, which every
@@ -208,8 +188,7 @@ impl VirtioDevice for Net {
             );
             self.tap.set_offload(0).map_err(ActivateError::Worker)?;
         }
-        let kill = EventFd::new(EFD_NONBLOCK).map_err(ActivateError::Worker)?;
-        let worker_kill = kill.try_clone().map_err(ActivateError::Worker)?;
+        let (kill, worker_kill) = DeviceWorker::kill_eventfds()?;
         let worker = Worker::new(
             ctx.mem,
             queues,
@@ -220,45 +199,21 @@ impl VirtioDevice for Net {
             self.stats.clone(),
         )
         .map_err(ActivateError::Worker)?;
-        #[cfg(test)]
-        let tid = Arc::new(std::sync::atomic::AtomicI32::new(0));
-        #[cfg(test)]
-        let thread_tid = tid.clone();
-        let thread = std::thread::Builder::new()
-            .name("husk-net".into())
-            .spawn(move || {
-                #[cfg(test)]
-                // SAFETY: gettid() has no preconditions.
-                thread_tid.store(
-                    unsafe { libc::gettid() },
-                    std::sync::atomic::Ordering::SeqCst,
-                );
-                worker.run()
-            })
-            .map_err(ActivateError::Worker)?;
-        debug!(tap = self.tap.name(), ?features, "virtio-net: activated");
-        self.worker = Some(WorkerHandle {
+        self.worker = Some(DeviceWorker::spawn(
+            "husk-net",
             kill,
-            thread,
-            #[cfg(test)]
-            tid,
-        });
+            || Ok(()),
+            move || worker.run(),
+        )?);
+        debug!(tap = self.tap.name(), ?features, "virtio-net: activated");
         Ok(())
     }
 
     fn reset(&mut self) {
-        let Some(worker) = self.worker.take() else {
-            return;
-        };
-        if let Err(e) = worker.kill.write(1) {
-            // Joining would wait forever; leave the thread behind rather than hang the VMM.
-            error!("virtio-net: cannot stop the worker: {e}");
-            return;
+        if let Some(worker) = self.worker.take() {
+            worker.stop();
+            debug!(tap = self.tap.name(), "virtio-net: reset");
         }
-        if worker.thread.join().is_err() {
-            error!("virtio-net: worker panicked");
-        }
-        debug!(tap = self.tap.name(), "virtio-net: reset");
     }
 }
 

@@ -20,6 +20,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::*;
 use crate::bus::BusDevice;
 use crate::devices::virtio::mmio::*;
+use crate::devices::virtio::ActiveQueue;
 use crate::devices::virtio::{ActivateContext, Interrupt};
 
 const QSIZE: u16 = 256;

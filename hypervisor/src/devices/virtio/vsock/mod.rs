@@ -29,12 +29,13 @@ use std::os::linux::fs::MetadataExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
-use tracing::{debug, error, warn};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use tracing::{debug, warn};
 
-use super::{ActivateContext, ActivateError, ActiveQueue, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{
+    read_config_bytes, take_queues, ActivateContext, ActivateError, DeviceWorker, VirtioDevice,
+    VIRTIO_F_VERSION_1,
+};
 use muxer::Muxer;
 use worker::Worker;
 
@@ -63,13 +64,6 @@ pub enum VsockError {
     },
 }
 
-struct WorkerHandle {
-    kill: EventFd,
-    thread: JoinHandle<()>,
-    #[cfg(test)]
-    tid: Arc<std::sync::atomic::AtomicI32>,
-}
-
 /// The vsock device. Dropping it stops the worker and removes the socket.
 pub struct Vsock {
     guest_cid: u64,
@@ -77,7 +71,7 @@ pub struct Vsock {
     listener: Arc<UnixListener>,
     /// (device, inode) of the socket we bound, so Drop unlinks only our own.
     socket_id: Option<(u64, u64)>,
-    worker: Option<WorkerHandle>,
+    worker: Option<DeviceWorker>,
 }
 
 impl Vsock {
@@ -126,12 +120,7 @@ impl Vsock {
     /// The worker thread's kernel thread id, once it has started (tests check it is gone).
     #[cfg(test)]
     fn worker_tid(&self) -> Option<i32> {
-        let tid = self
-            .worker
-            .as_ref()?
-            .tid
-            .load(std::sync::atomic::Ordering::SeqCst);
-        (tid != 0).then_some(tid)
+        self.worker.as_ref().map(DeviceWorker::tid)
     }
 }
 
@@ -149,13 +138,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.guest_cid.to_le_bytes();
-        for (i, byte) in data.iter_mut().enumerate() {
-            let at = offset
-                .checked_add(i as u64)
-                .and_then(|o| usize::try_from(o).ok());
-            *byte = at.and_then(|o| config.get(o)).copied().unwrap_or(0);
-        }
+        read_config_bytes(&self.guest_cid.to_le_bytes(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
@@ -170,56 +153,27 @@ impl VirtioDevice for Vsock {
         if self.worker.is_some() {
             return Err(ActivateError::AlreadyActive);
         }
-        let got = ctx.queues.len();
-        let queues: [ActiveQueue; 3] = ctx
-            .queues
-            .try_into()
-            .map_err(|_| ActivateError::QueueCount { want: 3, got })?;
-        let kill = EventFd::new(EFD_NONBLOCK).map_err(ActivateError::Worker)?;
+        let queues = take_queues::<3>(ctx.queues)?;
+        let (kill, worker_kill) = DeviceWorker::kill_eventfds()?;
         let muxer = Muxer::new(self.guest_cid, self.uds_path.clone(), self.listener.clone())
             .map_err(ActivateError::Worker)?;
-        let worker_kill = kill.try_clone().map_err(ActivateError::Worker)?;
         let worker = Worker::new(ctx.mem, queues, ctx.interrupt, worker_kill, muxer)
             .map_err(ActivateError::Worker)?;
-        #[cfg(test)]
-        let tid = Arc::new(std::sync::atomic::AtomicI32::new(0));
-        #[cfg(test)]
-        let thread_tid = tid.clone();
-        let thread = std::thread::Builder::new()
-            .name("husk-vsock".into())
-            .spawn(move || {
-                #[cfg(test)]
-                // SAFETY: gettid() has no preconditions.
-                thread_tid.store(
-                    unsafe { libc::gettid() },
-                    std::sync::atomic::Ordering::SeqCst,
-                );
-                worker.run()
-            })
-            .map_err(ActivateError::Worker)?;
-        debug!(guest_cid = self.guest_cid, "vsock: activated");
-        self.worker = Some(WorkerHandle {
+        self.worker = Some(DeviceWorker::spawn(
+            "husk-vsock",
             kill,
-            thread,
-            #[cfg(test)]
-            tid,
-        });
+            || Ok(()),
+            move || worker.run(),
+        )?);
+        debug!(guest_cid = self.guest_cid, "vsock: activated");
         Ok(())
     }
 
     fn reset(&mut self) {
-        let Some(worker) = self.worker.take() else {
-            return;
-        };
-        if let Err(e) = worker.kill.write(1) {
-            // Joining would wait forever; leave the thread behind rather than hang the VMM.
-            error!("vsock: cannot stop the worker: {e}");
-            return;
+        if let Some(worker) = self.worker.take() {
+            worker.stop();
+            debug!(guest_cid = self.guest_cid, "vsock: reset");
         }
-        if worker.thread.join().is_err() {
-            error!("vsock: worker panicked");
-        }
-        debug!(guest_cid = self.guest_cid, "vsock: reset");
     }
 }
 

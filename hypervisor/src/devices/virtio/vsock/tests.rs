@@ -21,6 +21,7 @@ use super::packet::*;
 use super::*;
 use crate::bus::BusDevice;
 use crate::devices::virtio::mmio::*;
+use crate::devices::virtio::ActiveQueue;
 use crate::devices::virtio::{ActivateContext, Interrupt};
 
 const CID: u64 = 42;
