@@ -74,9 +74,26 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SandboxError + '_ {
     }
 }
 
-/// Directory of sandbox `id` in namespace `namespace`.
+/// Directory of sandbox `id` in namespace `namespace`: named by a short
+/// hash, because Unix socket paths (vsock.sock_<port> inside it) must fit in
+/// 108 bytes and CRI ids alone are 64 characters. A `sandbox` file inside
+/// names the namespace and id for people.
 pub fn sandbox_dir(config: &Config, namespace: &str, id: &str) -> PathBuf {
-    config.runtime.state_dir.join(namespace).join(id)
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(format!("{namespace}/{id}").as_bytes());
+    let short: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    config.runtime.state_dir.join(short)
+}
+
+/// The hybrid vsock socket of a sandbox directory.
+pub fn vsock_socket(dir: &Path) -> PathBuf {
+    dir.join("vsock.sock")
+}
+
+/// Whether the shim owning a sandbox directory is alive: its VMM accepts
+/// on the vsock socket until the VM is torn down.
+pub fn is_alive(dir: &Path) -> bool {
+    std::os::unix::net::UnixStream::connect(vsock_socket(dir)).is_ok()
 }
 
 /// The VM's size: the configured defaults plus the pod's limits (CRI
@@ -140,7 +157,7 @@ fn vm_config(
     .to_string();
     vm.vsock = Some(VsockConfig {
         guest_cid: GUEST_CID,
-        uds_path: dir.join("vsock.sock"),
+        uds_path: vsock_socket(dir),
     });
     vm.shared_fs = Some(SharedFsConfig {
         tag: SHARED_FS_TAG.into(),
@@ -176,6 +193,7 @@ impl Sandbox {
         let vm_config = vm_config(config, &dir, &shared_dir, pod, net.as_ref())?;
         create_private_dir(&dir)?;
         create_private_dir(&shared_dir)?;
+        std::fs::write(dir.join("sandbox"), format!("{namespace}/{id}\n")).map_err(io_err(&dir))?;
         let booted = Self::boot_in(config, id, dir.clone(), shared_dir, vm_config, pod, net).await;
         if booted.is_err() {
             remove_sandbox_dir(&dir);
@@ -192,7 +210,7 @@ impl Sandbox {
         pod: &PodInfo,
         net: Option<PodNetwork>,
     ) -> Result<Sandbox, SandboxError> {
-        let vsock_uds = dir.join("vsock.sock");
+        let vsock_uds = vsock_socket(&dir);
         // A previous shim of this sandbox that crashed may have left these.
         for stale in [
             vsock_uds.clone(),
@@ -393,6 +411,36 @@ pub fn remove_sandbox_dir(dir: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sandbox_sockets_fit_whatever_the_id() {
+        let config = Config::default();
+        let long_id = "f".repeat(64);
+        let dir = sandbox_dir(&config, &"n".repeat(76), &long_id);
+        let log_socket = husk_vsock::host_port_path(&vsock_socket(&dir), 1025);
+        assert!(
+            log_socket.as_os_str().len() < 60,
+            "{}",
+            log_socket.display()
+        );
+        assert_ne!(dir, sandbox_dir(&config, "k8s.io", "other"));
+        assert_eq!(
+            dir,
+            sandbox_dir(&config, &"n".repeat(76), &long_id),
+            "stable"
+        );
+    }
+
+    #[test]
+    fn a_sandbox_without_a_listening_vmm_is_dead() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!is_alive(dir.path()));
+        let listener = std::os::unix::net::UnixListener::bind(vsock_socket(dir.path())).unwrap();
+        assert!(is_alive(dir.path()));
+        drop(listener);
+        // The socket file stays behind a crashed VMM; nobody accepts on it.
+        assert!(!is_alive(dir.path()));
+    }
 
     #[test]
     fn vm_is_sized_from_defaults_plus_pod_limits() {

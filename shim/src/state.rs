@@ -36,8 +36,18 @@ impl TaskState {
         }
     }
 
-    /// Undoes what a crashed shim left for this task.
+    /// Undoes what a crashed shim left for this task. containerd also runs
+    /// `shim delete` after ordinary deletes of a pod's containers, while the
+    /// shim and its VM live on: then there is nothing to undo, and the live
+    /// VM's share must not be touched.
     pub fn cleanup(&self) {
+        if crate::sandbox::is_alive(&self.sandbox_dir) {
+            tracing::info!(
+                "shim of {} is alive: nothing to clean up",
+                self.sandbox_dir.display()
+            );
+            return;
+        }
         for (path, e) in crate::rootfs::unmount_all(&self.container_dir) {
             tracing::warn!("cannot unmount {}: {e}", path.display());
         }
@@ -65,6 +75,22 @@ mod tests {
         assert_eq!(TaskState::load(dir.path()).unwrap(), Some(state));
         std::fs::write(dir.path().join(STATE_FILE), b"{").unwrap();
         assert!(TaskState::load(dir.path()).is_err());
+    }
+
+    #[test]
+    fn cleanup_leaves_a_live_sandbox_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let sandbox = dir.path().join("sb");
+        std::fs::create_dir_all(sandbox.join("shared/c1/rootfs")).unwrap();
+        let _vmm =
+            std::os::unix::net::UnixListener::bind(crate::sandbox::vsock_socket(&sandbox)).unwrap();
+        TaskState {
+            sandbox_dir: sandbox.clone(),
+            container_dir: sandbox.join("shared/c1"),
+            owns_sandbox: true,
+        }
+        .cleanup();
+        assert!(sandbox.join("shared/c1/rootfs").exists());
     }
 
     #[test]
