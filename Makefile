@@ -25,7 +25,7 @@ export HUSK_INITRD := $(abspath $(INITRD))
 export HUSK_VMM := $(abspath $(VMM))
 export HUSK_SHIM_DIR := $(abspath $(dir $(SHIM)))
 
-.PHONY: build guest guest-test kernel agent initrd vmm shim demo install test test-unit test-vm lint fmt bench bench-boot bench-start fuzz clean
+.PHONY: build guest guest-test kernel agent initrd vmm shim demo install installer-image test test-unit test-vm lint fmt bench bench-boot bench-start fuzz clean
 
 build: guest vmm shim
 
@@ -72,6 +72,15 @@ install: build
 	install -D -m 0644 $(KERNEL) $(DESTDIR)$(PREFIX)/share/husk/vmlinux
 	install -D -m 0644 $(INITRD) $(DESTDIR)$(PREFIX)/share/husk/initrd.cpio
 	install -D -m 0644 configs/husk.toml $(DESTDIR)$(PREFIX)/share/husk/husk.toml
+
+## The Kubernetes node installer's image as an OCI archive,
+## build/husk-installer.tar (README.md: Kubernetes). KUBECTL=PATH|auto|none
+## picks the kubectl it carries to label nodes.
+installer-image: build
+	rm -rf build/installer-payload
+	$(MAKE) install DESTDIR=$(abspath build/installer-payload) PREFIX=/opt/husk
+	scripts/build-installer-image.sh --payload build/installer-payload \
+		--out build/husk-installer.tar --kubectl "$${KUBECTL:-auto}"
 
 ## Everything: unit tests, then the real-VM tests one at a time.
 test: guest lint test-unit test-vm

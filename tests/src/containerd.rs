@@ -2,6 +2,8 @@
 //! temp dir, husk registered as a runtime (the shim found on PATH), and
 //! `ctr` bound to it.
 
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -18,6 +20,8 @@ pub struct Containerd {
     pub socket: PathBuf,
     /// husk's state_dir for this containerd's shims.
     pub husk_state: PathBuf,
+    /// Owns `husk_state` when it is outside `dir`.
+    _husk_state_dir: Option<tempfile::TempDir>,
     child: Child,
 }
 
@@ -34,6 +38,38 @@ pub fn shim_dir() -> PathBuf {
     dir
 }
 
+/// How to start a private containerd (see [`Containerd::start_with_options`]).
+#[derive(Clone, Debug)]
+pub struct ContainerdOptions {
+    /// Appended to containerd's config (plugin sections, for instance).
+    pub extra_config: String,
+    /// The guest kernel husk boots.
+    pub kernel: PathBuf,
+    /// A network namespace file (e.g. `/var/run/netns/NAME`) containerd runs
+    /// in, so that whatever it sets up for pods (CNI bridges, veths, its
+    /// streaming server) stays inside a namespace the test owns. The mount
+    /// namespace stays the host's, so the test still sees every mount.
+    pub netns: Option<PathBuf>,
+    /// Where to make husk's state dir (a new temp dir) instead of under
+    /// containerd's temp dir. husk binds Unix sockets at
+    /// `<state_dir>/<namespace>/<sandbox id>/vsock.sock_<port>`, and a CRI
+    /// sandbox id has 64 characters: with the usual temp dir the path
+    /// exceeds the 107 bytes a socket path may have, so CRI tests put it in
+    /// a short directory such as /run.
+    pub husk_state_parent: Option<PathBuf>,
+}
+
+impl ContainerdOptions {
+    pub fn new(extra_config: &str) -> ContainerdOptions {
+        ContainerdOptions {
+            extra_config: extra_config.to_string(),
+            kernel: guest_kernel(),
+            netns: None,
+            husk_state_parent: None,
+        }
+    }
+}
+
 impl Containerd {
     /// Starts containerd with `extra_config` appended to its config.
     pub fn start(extra_config: &str) -> Containerd {
@@ -42,13 +78,32 @@ impl Containerd {
 
     /// Like [`Containerd::start`], with husk configured to boot `kernel`.
     pub fn start_with(extra_config: &str, kernel: &Path) -> Containerd {
+        Self::start_with_options(&ContainerdOptions {
+            kernel: kernel.to_path_buf(),
+            ..ContainerdOptions::new(extra_config)
+        })
+    }
+
+    /// Starts containerd as `options` say.
+    pub fn start_with_options(options: &ContainerdOptions) -> Containerd {
+        let kernel = &options.kernel;
+        let extra_config = &options.extra_config;
         let dir = tempfile::Builder::new()
             .prefix("husk-ctrd")
             .tempdir()
             .unwrap();
         let root = dir.path();
         let socket = root.join("containerd.sock");
-        let husk_state = root.join("husk-state");
+        let husk_state_dir = options.husk_state_parent.as_ref().map(|parent| {
+            tempfile::Builder::new()
+                .prefix("hk")
+                .tempdir_in(parent)
+                .unwrap_or_else(|e| panic!("cannot make a dir in {}: {e}", parent.display()))
+        });
+        let husk_state = match &husk_state_dir {
+            Some(d) => d.path().to_path_buf(),
+            None => root.join("husk-state"),
+        };
         let husk_config = root.join("husk.toml");
         std::fs::write(
             &husk_config,
@@ -79,7 +134,8 @@ impl Containerd {
             std::env::var("PATH").unwrap_or_default()
         );
         let log = std::fs::File::create(root.join("containerd.log")).unwrap();
-        let child = Command::new("containerd")
+        let mut command = Command::new("containerd");
+        command
             .arg("--config")
             .arg(&config)
             .arg("--log-level")
@@ -87,13 +143,34 @@ impl Containerd {
             .env("PATH", path)
             .env("HUSK_CONFIG", &husk_config)
             .stdout(log.try_clone().unwrap())
-            .stderr(log)
+            .stderr(log);
+        // Kept open until containerd is spawned: its child enters it.
+        let netns = options.netns.as_ref().map(|ns| {
+            std::fs::File::open(ns)
+                .unwrap_or_else(|e| panic!("cannot open network namespace {}: {e}", ns.display()))
+        });
+        if let Some(ns) = &netns {
+            let fd = ns.as_raw_fd();
+            // SAFETY: runs in the forked child before exec; setns(2) is
+            // async-signal-safe and the closure allocates nothing.
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = command
             .spawn()
             .expect("cannot start containerd (install Debian's containerd)");
+        drop(netns);
         let ctrd = Containerd {
             dir,
             socket,
             husk_state,
+            _husk_state_dir: husk_state_dir,
             child,
         };
         ctrd.wait_ready();
@@ -187,6 +264,54 @@ impl Containerd {
     }
 }
 
+impl Containerd {
+    /// Shim processes (any runtime) this containerd started and that still
+    /// run: their command line names this containerd's socket.
+    pub fn shim_processes(&self) -> Vec<u32> {
+        let address = self.socket.display().to_string();
+        let Ok(procs) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        procs
+            .flatten()
+            .filter_map(|p| {
+                let pid: u32 = p.file_name().to_str()?.parse().ok()?;
+                let cmdline = std::fs::read(p.path().join("cmdline")).ok()?;
+                let args: Vec<String> = cmdline
+                    .split(|b| *b == 0)
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .collect();
+                let is_shim = args.first().is_some_and(|a| a.contains("containerd-shim"));
+                let ours = args
+                    .windows(2)
+                    .any(|w| w[0] == "-address" && w[1] == address);
+                (is_shim && ours).then_some(pid)
+            })
+            .collect()
+    }
+
+    /// Mount points anywhere under this containerd's temp dir (snapshots,
+    /// CRI's netns and shm mounts) or husk's state dir.
+    pub fn mounts(&self) -> Vec<String> {
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        info.lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|m| self.owns_path(Path::new(m)))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Whether `path` is under this containerd's temp dir or husk's state.
+    pub fn owns_path(&self, path: &Path) -> bool {
+        path.starts_with(self.dir.path()) || path.starts_with(&self.husk_state)
+    }
+
+    /// containerd's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
 /// The shim process serving task `id` (`binary` is e.g.
 /// `containerd-shim-husk-v2`): the server, not a `start`/`delete` run.
 pub fn shim_pid(binary: &str, id: &str) -> Option<u32> {
@@ -230,16 +355,10 @@ impl Drop for Containerd {
             nix::sys::signal::Signal::SIGTERM,
         );
         let _ = self.child.wait();
-        // Snapshot mounts containerd may have left behind.
-        let root = self.dir.path().display().to_string();
-        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let mut mounts: Vec<&str> = info
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4))
-            .filter(|m| m.starts_with(&root))
-            .collect();
+        // Snapshot mounts containerd (or husk's shares) may have left behind.
+        let mut mounts = self.mounts();
         mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
-        for m in mounts {
+        for m in &mounts {
             let _ = nix::mount::umount2(Path::new(m), nix::mount::MntFlags::MNT_DETACH);
         }
     }

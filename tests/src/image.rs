@@ -51,6 +51,12 @@ pub fn busybox_rootfs(root: &Path) {
 /// Writes an OCI image archive named `name` (e.g.
 /// `docker.io/library/husk-busybox:test`) to `<dir>/image.tar`.
 pub fn build_busybox_image(dir: &Path, name: &str) -> PathBuf {
+    build_busybox_image_with_cmd(dir, name, &["sh"])
+}
+
+/// Like [`build_busybox_image`], with `cmd` as the image's default command
+/// (a CRI sandbox image, for instance, must run until it is killed).
+pub fn build_busybox_image_with_cmd(dir: &Path, name: &str, cmd: &[&str]) -> PathBuf {
     let rootfs = dir.join("rootfs");
     busybox_rootfs(&rootfs);
     let layer_tar = dir.join("layer.tar");
@@ -83,7 +89,7 @@ pub fn build_busybox_image(dir: &Path, name: &str) -> PathBuf {
         "os": "linux",
         "config": {
             "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
-            "Cmd": ["sh"],
+            "Cmd": cmd,
             "WorkingDir": "/"
         },
         "rootfs": {"type": "layers", "diff_ids": [layer_digest]}

@@ -2,6 +2,7 @@
 //! image is, and how to tell whether a VM left anything behind.
 
 pub mod containerd;
+pub mod cri;
 pub mod image;
 
 use std::path::{Path, PathBuf};

@@ -30,13 +30,9 @@ fn assert_clean(c: &Containerd) {
         c.diagnostics()
     );
     assert_eq!(c.husk_mounts(), Vec::<String>::new(), "mounts left behind");
+    // One directory per sandbox directly under husk's state dir.
     let left: Vec<_> = std::fs::read_dir(&c.husk_state)
-        .map(|d| {
-            d.flatten()
-                .flat_map(|ns| std::fs::read_dir(ns.path()).into_iter().flatten().flatten())
-                .map(|e| e.path())
-                .collect()
-        })
+        .map(|d| d.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
     assert!(left.is_empty(), "sandbox directories left behind: {left:?}");
 }
