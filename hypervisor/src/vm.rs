@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::{Kvm, VmFd};
-use vm_memory::{GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::boot::{self, BootInputs};
@@ -183,6 +183,8 @@ fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> VmError {
 pub struct VmmStats {
     /// From the start of [`Vm::start`] to the first KVM_RUN.
     pub start_to_first_run: Option<Duration>,
+    /// When the first KVM_RUN was entered.
+    pub first_run_at: Option<Instant>,
     /// Exits handled in user space, and the CPU time spent on them.
     pub exits: u64,
     pub exit_cpu: Duration,
@@ -275,14 +277,42 @@ impl Vm {
             );
         }
 
+        let mem = memory::create(config.memory_mib)?;
+        let cmdline = guest_cmdline(profile, &config.extra_cmdline);
+        let inputs = BootInputs {
+            kernel: &config.kernel,
+            initrd: config.initrd.as_deref(),
+            cmdline: &cmdline,
+            // acpi::write_tables puts the RSDP first in the ACPI area.
+            rsdp: GuestAddress(ACPI_START),
+        };
+        std::thread::scope(|scope| {
+            // Copying the kernel and initramfs in does not depend on the KVM
+            // and device setup below: overlap the two (each takes
+            // milliseconds, the better part of the VMM's start).
+            let loader = std::thread::Builder::new()
+                .name("husk-loader".into())
+                .spawn_scoped(scope, || boot::load(&mem, &inputs))
+                .map_err(io_err("spawn loader thread"))?;
+            Self::build(config, profile, started, mem.clone(), &cmdline, loader)
+        })
+    }
+
+    /// Everything after guest memory exists; `loader` fills it meanwhile.
+    fn build(
+        config: &VmConfig,
+        profile: HostProfile,
+        started: Instant,
+        mem: GuestMemoryMmap,
+        cmdline: &str,
+        loader: std::thread::ScopedJoinHandle<'_, Result<boot::LoadedImage, boot::BootError>>,
+    ) -> Result<Vm, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let vm_fd = kvm.create_vm().map_err(kvm_err("create VM"))?;
         vm_fd
             .set_tss_address(KVM_TSS_ADDRESS)
             .map_err(kvm_err("set TSS address"))?;
         vm_fd.create_irq_chip().map_err(kvm_err("create irqchip"))?;
-
-        let mem = memory::create(config.memory_mib)?;
         memory::register(&vm_fd, &mem)?;
 
         let exit = Arc::new(ExitSignal::new().map_err(io_err("create exit eventfd"))?);
@@ -318,17 +348,10 @@ impl Vm {
             devices.add_virtio(&vm_fd, &mem, &mut mmio, "net", Box::new(device))?;
         }
 
-        let rsdp = acpi::write_tables(&mem, config.vcpus, devices.acpi_devices())?;
-        let cmdline = guest_cmdline(profile, &config.extra_cmdline);
-        let image = boot::load(
-            &mem,
-            &BootInputs {
-                kernel: &config.kernel,
-                initrd: config.initrd.as_deref(),
-                cmdline: &cmdline,
-                rsdp,
-            },
-        )?;
+        acpi::write_tables(&mem, config.vcpus, devices.acpi_devices())?;
+        let image = loader
+            .join()
+            .map_err(|_| VmError::Config("the kernel loader thread panicked".into()))??;
 
         let cpuid_template = cpuid::base(&kvm, &config.cpuid, profile.hidden_features())?;
         vcpu::install_kick_handler().map_err(io_err("install vCPU kick handler"))?;
@@ -444,6 +467,7 @@ impl Vm {
                 .first_run
                 .get()
                 .map(|t| t.duration_since(self.started)),
+            first_run_at: self.stats.first_run.get().copied(),
             exits: self.stats.exits.load(Ordering::Relaxed),
             exit_cpu: Duration::from_nanos(self.stats.exit_cpu_ns.load(Ordering::Relaxed)),
         }

@@ -1,6 +1,8 @@
 //! containerd-shim-husk-v2: the containerd task API (v2) on husk microVMs.
 //! The VMM runs inside this process; each pod (or `ctr run` task) is one VM.
 
+#[cfg(test)]
+mod alloc_probe;
 pub mod container;
 pub mod errors;
 pub mod events;

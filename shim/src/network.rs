@@ -217,18 +217,17 @@ pub async fn discover(netns: &Path) -> Result<PodNetwork, NetworkError> {
             tap_name: format!("{TAP_PREFIX}{}", interfaces.len()),
         });
     }
+    // One dump at a time: the kernel answers EBUSY to a second dump
+    // started on the same socket while the first is still running.
     let mut routes = Vec::new();
-    for msgs in [
-        handle
-            .route()
-            .get(RouteMessageBuilder::<std::net::Ipv4Addr>::new().build())
-            .execute(),
-        handle
-            .route()
-            .get(RouteMessageBuilder::<std::net::Ipv6Addr>::new().build())
-            .execute(),
+    for query in [
+        RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
+        RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
     ] {
-        let msgs: Vec<RouteMessage> = msgs
+        let msgs: Vec<RouteMessage> = handle
+            .route()
+            .get(query)
+            .execute()
             .try_collect()
             .await
             .map_err(nl_err("list routes", netns))?;

@@ -173,6 +173,9 @@ fn husk_vmm_binary_runs_the_agent_check_and_exits_cleanly() {
             .unwrap();
     assert_eq!(report["exit_reason"], "guest powered off");
     assert!(report["vm_start_to_first_kvm_run_ms"].as_f64().is_some());
+    assert!(report["process_start_to_first_kvm_run_ms"]
+        .as_f64()
+        .is_some());
     assert!(
         report["vmm_rss_excluding_guest_bytes_at_ready"]
             .as_u64()

@@ -104,6 +104,9 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &Args, process_start: Instant) -> Result<ExitReason, String> {
+    // Block SIGINT/SIGTERM before any thread exists, so every thread
+    // inherits the mask and only the watcher thread receives them.
+    let signals = block_stop_signals()?;
     let mut config = VmConfig::new(&args.kernel);
     config.initrd = args.initrd.clone();
     config.vcpus = args.vcpus;
@@ -132,8 +135,7 @@ fn run(args: &Args, process_start: Instant) -> Result<ExitReason, String> {
     };
 
     let mut vm = Vm::start(&config).map_err(|e| e.to_string())?;
-    let stop = vm.stop_handle();
-    let signals = spawn_signal_watcher(stop)?;
+    let signals = spawn_signal_watcher(signals, vm.stop_handle())?;
 
     let mut report = Report::default();
     let reason = if args.agent_check {
@@ -221,6 +223,9 @@ fn write_report(
         "exit_reason": reason.to_string(),
         "host_profile": vm.host_profile().name(),
         "vm_start_to_first_kvm_run_ms": stats.start_to_first_run.map(ms),
+        "process_start_to_first_kvm_run_ms": stats
+            .first_run_at
+            .map(|t| ms(t.duration_since(process_start))),
         "process_uptime_ms": ms(process_start.elapsed()),
         "process_start_to_agent_ready_ms": report
             .agent_ready_at
@@ -236,16 +241,21 @@ fn write_report(
         .map_err(|e| format!("cannot write report {}: {e}", path.display()))
 }
 
-/// Stops the VM on SIGINT/SIGTERM so the guest is torn down cleanly.
-fn spawn_signal_watcher(
-    stop: husk_hypervisor::vm::StopHandle,
-) -> Result<std::thread::JoinHandle<()>, String> {
+fn block_stop_signals() -> Result<nix::sys::signal::SigSet, String> {
     use nix::sys::signal::{SigSet, Signal};
     let mut set = SigSet::empty();
     set.add(Signal::SIGINT);
     set.add(Signal::SIGTERM);
     set.thread_block()
         .map_err(|e| format!("cannot block signals: {e}"))?;
+    Ok(set)
+}
+
+/// Stops the VM on SIGINT/SIGTERM so the guest is torn down cleanly.
+fn spawn_signal_watcher(
+    set: nix::sys::signal::SigSet,
+    stop: husk_hypervisor::vm::StopHandle,
+) -> Result<std::thread::JoinHandle<()>, String> {
     std::thread::Builder::new()
         .name("husk-signals".into())
         .spawn(move || {

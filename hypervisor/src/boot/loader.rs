@@ -74,19 +74,29 @@ const KERNEL_LOADER_OTHER: u8 = 0xff;
 const KERNEL_MIN_ALIGNMENT_BYTES: u32 = 0x0100_0000;
 
 /// Loads everything the kernel needs into `mem`.
+/// The kernel and the initramfs (megabytes each) are copied in parallel:
+/// they land in disjoint ranges, checked once both are in.
 pub fn load(mem: &GuestMemoryMmap, inputs: &BootInputs) -> Result<LoadedImage, BootError> {
-    let mut kernel = File::open(inputs.kernel).map_err(|source| BootError::OpenKernel {
-        path: inputs.kernel.to_path_buf(),
-        source,
-    })?;
-    let loaded =
-        Elf::load(mem, None, &mut kernel, Some(GuestAddress(HIMEM_START))).map_err(|source| {
-            BootError::LoadKernel {
-                path: inputs.kernel.to_path_buf(),
-                source,
-            }
-        })?;
-    let kernel_end = GuestAddress(loaded.kernel_end);
+    let (loaded, initrd) = std::thread::scope(|scope| {
+        let initrd = inputs
+            .initrd
+            .map(|path| scope.spawn(move || load_initrd(mem, path)));
+        let kernel = load_kernel(mem, inputs.kernel);
+        let initrd = initrd.map(|handle| {
+            handle.join().unwrap_or_else(|_| {
+                Err(BootError::ReadInitrd {
+                    path: inputs.initrd.unwrap_or(Path::new("")).to_path_buf(),
+                    source: std::io::Error::other("initramfs loader panicked"),
+                })
+            })
+        });
+        (kernel, initrd.transpose())
+    });
+    let loaded = loaded?;
+    let initrd = initrd?;
+    if let (Some((start, size)), Some(path)) = (initrd, inputs.initrd) {
+        check_above_kernel(start, size, loaded.kernel_end, path)?;
+    }
 
     let cmdline = build_cmdline(inputs.cmdline)?;
     linux_loader::loader::load_cmdline(mem, GuestAddress(CMDLINE_START), &cmdline).map_err(
@@ -96,16 +106,43 @@ pub fn load(mem: &GuestMemoryMmap, inputs: &BootInputs) -> Result<LoadedImage, B
         },
     )?;
 
-    let initrd = match inputs.initrd {
-        Some(path) => Some(load_initrd(mem, path, kernel_end)?),
-        None => None,
-    };
-
     write_boot_params(mem, inputs.cmdline.len() + 1, initrd, inputs.rsdp)?;
     write_gdt_and_page_tables(mem)?;
     Ok(LoadedImage {
         entry: loaded.kernel_load,
     })
+}
+
+fn load_kernel(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+) -> Result<linux_loader::loader::KernelLoaderResult, BootError> {
+    let mut kernel = File::open(path).map_err(|source| BootError::OpenKernel {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Elf::load(mem, None, &mut kernel, Some(GuestAddress(HIMEM_START))).map_err(|source| {
+        BootError::LoadKernel {
+            path: path.to_path_buf(),
+            source,
+        }
+    })
+}
+
+/// The initramfs must not overlap the kernel image (which ends at `kernel_end`).
+fn check_above_kernel(
+    start: GuestAddress,
+    size: u64,
+    kernel_end: u64,
+    path: &Path,
+) -> Result<(), BootError> {
+    if start.raw_value() < kernel_end {
+        return Err(BootError::InitrdTooBig {
+            path: path.to_path_buf(),
+            size,
+        });
+    }
+    Ok(())
 }
 
 fn build_cmdline(text: &str) -> Result<Cmdline, BootError> {
@@ -127,12 +164,9 @@ fn low_ram_end(mem: &GuestMemoryMmap) -> GuestAddress {
         .unwrap_or(GuestAddress(0))
 }
 
-/// Puts the initramfs at the top of low RAM, page aligned.
-fn load_initrd(
-    mem: &GuestMemoryMmap,
-    path: &Path,
-    kernel_end: GuestAddress,
-) -> Result<(GuestAddress, u64), BootError> {
+/// Puts the initramfs at the top of low RAM, page aligned (whether it clears
+/// the kernel is checked by the caller, see [`check_above_kernel`]).
+fn load_initrd(mem: &GuestMemoryMmap, path: &Path) -> Result<(GuestAddress, u64), BootError> {
     let read_err = |source| BootError::ReadInitrd {
         path: path.to_path_buf(),
         source,
@@ -147,7 +181,7 @@ fn load_initrd(
         .raw_value()
         .checked_sub(size)
         .map(|a| a & !0xfff)
-        .filter(|&a| a >= kernel_end.raw_value())
+        .filter(|&a| a >= HIMEM_START)
         .ok_or_else(too_big)?;
     let size_usize = usize::try_from(size).map_err(|_| too_big())?;
     mem.read_exact_volatile_from(GuestAddress(start), &mut file, size_usize)
@@ -315,13 +349,14 @@ mod tests {
         let path = std::env::temp_dir().join(format!("husk-initrd-{}", std::process::id()));
         std::fs::write(&path, vec![0x5a; 10_000]).unwrap();
         let mem = crate::memory::create(64).unwrap();
-        let (addr, size) = load_initrd(&mem, &path, GuestAddress(0x200_0000)).unwrap();
+        let (addr, size) = load_initrd(&mem, &path).unwrap();
         assert_eq!(size, 10_000);
         assert_eq!(addr.raw_value() % 4096, 0);
         assert!(addr.raw_value() + size <= 64 << 20);
         assert_eq!(mem.read_obj::<u8>(addr).unwrap(), 0x5a);
         // Does not fit above a kernel that ends near the top of memory.
-        assert!(load_initrd(&mem, &path, GuestAddress((64 << 20) - 4096)).is_err());
+        assert!(check_above_kernel(addr, size, (64 << 20) - 4096, &path).is_err());
+        assert!(check_above_kernel(addr, size, 0x200_0000, &path).is_ok());
         std::fs::remove_file(&path).unwrap();
     }
 }

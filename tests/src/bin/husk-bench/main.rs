@@ -142,6 +142,7 @@ fn bench_boot(
         "husk": {
             "boot_to_agent_ready_ms": summary(husk.iter().map(|s| s.ready_ms).collect()),
             "vm_start_to_first_kvm_run_ms": summary(report_field("vm_start_to_first_kvm_run_ms")),
+            "process_start_to_first_kvm_run_ms": summary(report_field("process_start_to_first_kvm_run_ms")),
             "process_start_to_agent_rpc_ms": summary(report_field("process_start_to_agent_ready_ms")),
             "vmm_cpu_ms_at_ready": summary(report_field("vmm_cpu_ms_at_ready")),
             "vmm_rss_excluding_guest_mib": summary(rss(&husk)),
@@ -153,7 +154,7 @@ fn bench_boot(
         "ratio": husk_ready / qemu_ready,
         "goals": {
             "ratio_at_most": 0.9,
-            "vm_start_to_first_kvm_run_ms_under": 10.0,
+            "process_start_to_first_kvm_run_ms_under": 10.0,
             "vmm_rss_excluding_guest_mib_at_most": 8.0,
         },
     });
