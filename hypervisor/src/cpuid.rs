@@ -59,6 +59,7 @@ const FEATURES: &[(&str, u32, u32, Reg, u32)] = &[
     ("pdpe1gb", 0x8000_0001, 0, Reg::Edx, 26),
     ("rdtscp", 0x8000_0001, 0, Reg::Edx, 27),
     ("invtsc", 0x8000_0007, 0, Reg::Edx, 8),
+    ("invtsc", 0x8000_0007, 0, Reg::Edx, 8),
 ];
 
 fn known_features() -> String {
@@ -175,13 +176,16 @@ mod tests {
             return;
         };
         let policy = CpuidPolicy {
-            hide: vec!["rdrand".into()],
+            hide: vec!["rdrand".into(), "invtsc".into()],
         };
         let template = base(&kvm, &policy, &["cx16"]).unwrap();
         let cpuid = for_vcpu(&template, 1, 2);
         let leaf1 = cpuid.as_slice().iter().find(|e| e.function == 1).unwrap();
         assert_eq!(leaf1.ecx & (1 << 13), 0, "cx16 hidden");
         assert_eq!(leaf1.ecx & (1 << 30), 0, "rdrand hidden");
+        if let Some(power) = cpuid.as_slice().iter().find(|e| e.function == 0x8000_0007) {
+            assert_eq!(power.edx & (1 << 8), 0, "invtsc hidden");
+        }
         assert_ne!(leaf1.ecx & ECX_HYPERVISOR, 0);
         assert_eq!(leaf1.ebx >> 24, 1);
         assert_eq!((leaf1.ebx >> 16) & 0xff, 2);
