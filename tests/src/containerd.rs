@@ -269,24 +269,20 @@ impl Containerd {
     /// run: their command line names this containerd's socket.
     pub fn shim_processes(&self) -> Vec<u32> {
         let address = self.socket.display().to_string();
-        let Ok(procs) = std::fs::read_dir("/proc") else {
-            return Vec::new();
-        };
-        procs
-            .flatten()
-            .filter_map(|p| {
-                let pid: u32 = p.file_name().to_str()?.parse().ok()?;
-                let cmdline = std::fs::read(p.path().join("cmdline")).ok()?;
-                let args: Vec<String> = cmdline
-                    .split(|b| *b == 0)
-                    .map(|a| String::from_utf8_lossy(a).into_owned())
-                    .collect();
-                let is_shim = args.first().is_some_and(|a| a.contains("containerd-shim"));
-                let ours = args
+        crate::host_processes()
+            .into_iter()
+            .filter(|p| {
+                let is_shim = p
+                    .args
+                    .first()
+                    .is_some_and(|a| a.contains("containerd-shim"));
+                let ours = p
+                    .args
                     .windows(2)
                     .any(|w| w[0] == "-address" && w[1] == address);
-                (is_shim && ours).then_some(pid)
+                is_shim && ours
             })
+            .map(|p| p.pid)
             .collect()
     }
 
@@ -315,37 +311,12 @@ impl Containerd {
 /// The shim process serving task `id` (`binary` is e.g.
 /// `containerd-shim-husk-v2`): the server, not a `start`/`delete` run.
 pub fn shim_pid(binary: &str, id: &str) -> Option<u32> {
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|p| {
-        let pid: u32 = p.file_name().to_str()?.parse().ok()?;
-        let cmdline = std::fs::read(p.path().join("cmdline")).ok()?;
-        let args: Vec<String> = cmdline
-            .split(|b| *b == 0)
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        let is_binary = args.first().is_some_and(|a| a.ends_with(binary));
-        let serves = args.windows(2).any(|w| w[0] == "-id" && w[1] == id);
-        let bootstrap = args.iter().any(|a| a == "start" || a == "delete");
-        (is_binary && serves && !bootstrap).then_some(pid)
+    crate::host_processes().into_iter().find_map(|p| {
+        let is_binary = p.args.first().is_some_and(|a| a.ends_with(binary));
+        let serves = p.args.windows(2).any(|w| w[0] == "-id" && w[1] == id);
+        let bootstrap = p.args.iter().any(|a| a == "start" || a == "delete");
+        (is_binary && serves && !bootstrap).then_some(p.pid)
     })
-}
-
-/// Processes of the husk shim still alive.
-pub fn husk_shim_processes() -> Vec<u32> {
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    procs
-        .flatten()
-        .filter_map(|p| {
-            let pid: u32 = p.file_name().to_str()?.parse().ok()?;
-            let comm = std::fs::read_to_string(p.path().join("comm")).ok()?;
-            // comm is cut to 15 bytes: "containerd-shim".
-            let cmdline = std::fs::read(p.path().join("cmdline")).ok()?;
-            (comm.starts_with("containerd-shim")
-                && String::from_utf8_lossy(&cmdline).contains("containerd-shim-husk-v2"))
-            .then_some(pid)
-        })
-        .collect()
 }
 
 impl Drop for Containerd {

@@ -871,7 +871,10 @@ impl Cri {
     pub fn leftovers(&self, pods: &[&Pod]) -> Vec<String> {
         let mut left = Vec::new();
         for pid in self.containerd.shim_processes() {
-            left.push(format!("shim process {pid}: {}", cmdline(pid)));
+            left.push(format!(
+                "shim process {pid}: {}",
+                crate::command_line_of(pid)
+            ));
         }
         for m in self.containerd.mounts() {
             left.push(format!("mount {m}"));
@@ -892,7 +895,11 @@ impl Cri {
                 left.push(format!("pod {} netns file {}", pod.id, ns.display()));
             }
             for pid in processes_of(pod) {
-                left.push(format!("pod {} process {pid}: {}", pod.id, cmdline(pid)));
+                left.push(format!(
+                    "pod {} process {pid}: {}",
+                    pod.id,
+                    crate::command_line_of(pid)
+                ));
             }
         }
         for link in self.netns.links() {
@@ -1046,7 +1053,10 @@ impl Drop for Cri {
             std::thread::sleep(Duration::from_millis(100));
         }
         for pid in self.containerd.shim_processes() {
-            eprintln!("killing leftover shim {pid}: {}", cmdline(pid));
+            eprintln!(
+                "killing leftover shim {pid}: {}",
+                crate::command_line_of(pid)
+            );
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid as i32),
                 nix::sys::signal::Signal::SIGKILL,
@@ -1054,12 +1064,6 @@ impl Drop for Cri {
         }
         self.keep_logs_if_failed();
     }
-}
-
-fn cmdline(pid: u32) -> String {
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
-        .unwrap_or_default()
 }
 
 /// Processes inside `pod`'s network namespace, holding it open (which
@@ -1072,22 +1076,20 @@ fn processes_of(pod: &Pod) -> Vec<u32> {
             std::fs::read_link(link).is_ok_and(|l| l.to_string_lossy() == ns.as_str())
         })
     };
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    procs
-        .flatten()
-        .filter_map(|p| {
-            let pid: u32 = p.file_name().to_str()?.parse().ok()?;
-            let in_netns = is_netns(&p.path().join("ns/net"));
+    crate::host_processes()
+        .into_iter()
+        .filter(|p| {
+            let proc_dir = Path::new("/proc").join(p.pid.to_string());
+            let in_netns = is_netns(&proc_dir.join("ns/net"));
             let holds_netns = netns.is_some()
-                && std::fs::read_dir(p.path().join("fd"))
+                && std::fs::read_dir(proc_dir.join("fd"))
                     .into_iter()
                     .flatten()
                     .flatten()
                     .any(|fd| is_netns(&fd.path()));
-            (in_netns || holds_netns || cmdline(pid).contains(&pod.id)).then_some(pid)
+            in_netns || holds_netns || p.command_line().contains(&pod.id)
         })
+        .map(|p| p.pid)
         .collect()
 }
 

@@ -158,3 +158,47 @@ pub fn guest_test_initrd() -> PathBuf {
 
 /// Where the test initramfs has its busybox container rootfs.
 pub const TEST_ROOTFS: &str = "/testdata/busybox";
+
+/// A live process: its pid and its command line, one argument each.
+pub struct HostProcess {
+    pub pid: u32,
+    pub args: Vec<String>,
+}
+
+impl HostProcess {
+    /// The command line joined with spaces.
+    pub fn command_line(&self) -> String {
+        self.args.join(" ")
+    }
+}
+
+/// Every process on the host that can still be read in /proc.
+pub fn host_processes() -> Vec<HostProcess> {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .flatten()
+        .filter_map(|p| {
+            let pid: u32 = p.file_name().to_str()?.parse().ok()?;
+            let args = process_args(pid)?;
+            Some(HostProcess { pid, args })
+        })
+        .collect()
+}
+
+/// The command line of process `pid` ("" once it is gone).
+pub fn command_line_of(pid: u32) -> String {
+    process_args(pid).unwrap_or_default().join(" ")
+}
+
+fn process_args(pid: u32) -> Option<Vec<String>> {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    Some(
+        cmdline
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect(),
+    )
+}

@@ -422,9 +422,12 @@ fn two_pods(handler: &str) {
     }
 
     // Retries: the server may not listen yet (each try costs a fork+exec,
-    // ~1 s in a VM on nested KVM).
+    // ~1 s in a VM on nested KVM). The connect timeout is generous: the
+    // server answers one connection only, and a client that gave up on a
+    // slow first handshake (ARP and SYN through two emulated guest kernels)
+    // would leave it to accept a dead connection and exit.
     let connect = format!(
-        "for i in $(seq 1 60); do echo hello-from-client | nc -w 5 {server_ip} 8080 && exit 0; \
+        "for i in $(seq 1 60); do echo hello-from-client | nc -w 60 {server_ip} 8080 && exit 0; \
          sleep 1; done; exit 1"
     );
     let r = cri.exec_sync(&client, &["sh", "-c", &connect]);

@@ -51,7 +51,7 @@ impl Default for HypervisorConfig {
             initrd: "initrd.cpio".into(),
             vcpus: 1,
             memory_mib: 256,
-            cpuid_hide: vec!["invtsc".into()],
+            cpuid_hide: Vec::new(),
             host_profile: "auto".into(),
             kernel_args: String::new(),
             console: "log".into(),

@@ -49,9 +49,8 @@ struct Args {
     /// auto (detect), native or nested-pvm.
     #[arg(long, default_value = "auto")]
     host_profile: HostProfileSetting,
-    /// CPU features to hide from the guest (comma separated, e.g. avx512f,rdrand);
-    /// the default is husk's (see configs/husk.toml, `cpuid_hide`).
-    #[arg(long, value_delimiter = ',', default_value = "invtsc")]
+    /// CPU features to hide from the guest (comma separated, e.g. avx512f,rdrand,invtsc).
+    #[arg(long, value_delimiter = ',')]
     hide_cpuid: Vec<String>,
     /// Wait for the agent, print its health answer, then shut the VM down.
     #[arg(long, requires = "vsock_uds")]
