@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use husk_tests::cri::*;
 use husk_tests::*;
-use k8s_cri::v1::{ContainerState, PodSandboxState};
+use k8s_cri::v1::{ContainerState, ExecSyncResponse, PodSandboxState};
 
 const MIB: i64 = 1024 * 1024;
 
@@ -177,13 +177,7 @@ fn pod_lifecycle(handler: &str) {
 
     // Read-only volumes: readable, writes refused with EROFS.
     let r = cri.exec_sync(&c1, &["sh", "-c", "cat /ro/file; echo x > /ro/new"]);
-    assert_eq!(String::from_utf8_lossy(&r.stdout), "read-only data\n");
-    assert_ne!(r.exit_code, 0, "write to a read-only volume succeeded");
-    assert!(
-        String::from_utf8_lossy(&r.stderr).contains("Read-only file system"),
-        "{:?}",
-        String::from_utf8_lossy(&r.stderr)
-    );
+    assert_read_but_not_written(&r, "read-only data\n", "a read-only volume");
     assert!(!ro.join("new").exists());
     let r = cri.exec_sync(
         &c1,
@@ -193,13 +187,7 @@ fn pod_lifecycle(handler: &str) {
             "cat /etc/config/app.conf; echo x >> /etc/config/app.conf",
         ],
     );
-    assert_eq!(String::from_utf8_lossy(&r.stdout), "key=value\n");
-    assert_ne!(r.exit_code, 0, "write to a read-only file volume succeeded");
-    assert!(
-        String::from_utf8_lossy(&r.stderr).contains("Read-only file system"),
-        "{:?}",
-        String::from_utf8_lossy(&r.stderr)
-    );
+    assert_read_but_not_written(&r, "key=value\n", "a read-only file volume");
     assert_eq!(
         std::fs::read_to_string(&config_file).unwrap(),
         "key=value\n"
@@ -485,4 +473,16 @@ fn husk_pod_lifecycle() {
 #[test]
 fn husk_two_pods_tcp_and_vm_sizing() {
     two_pods(HUSK_HANDLER);
+}
+
+/// An exec that read `volume` (printing `expected`) and then tried to write
+/// to it: the read worked, the write failed with EROFS.
+fn assert_read_but_not_written(r: &ExecSyncResponse, expected: &str, volume: &str) {
+    assert_eq!(String::from_utf8_lossy(&r.stdout), expected);
+    assert_ne!(r.exit_code, 0, "write to {volume} succeeded");
+    assert!(
+        String::from_utf8_lossy(&r.stderr).contains("Read-only file system"),
+        "{:?}",
+        String::from_utf8_lossy(&r.stderr)
+    );
 }

@@ -80,12 +80,12 @@ pub fn load(mem: &GuestMemoryMmap, inputs: &BootInputs) -> Result<LoadedImage, B
     let (loaded, initrd) = std::thread::scope(|scope| {
         let initrd = inputs
             .initrd
-            .map(|path| scope.spawn(move || load_initrd(mem, path)));
+            .map(|path| (path, scope.spawn(move || load_initrd(mem, path))));
         let kernel = load_kernel(mem, inputs.kernel);
-        let initrd = initrd.map(|handle| {
+        let initrd = initrd.map(|(path, handle)| {
             handle.join().unwrap_or_else(|_| {
                 Err(BootError::ReadInitrd {
-                    path: inputs.initrd.unwrap_or(Path::new("")).to_path_buf(),
+                    path: path.to_path_buf(),
                     source: std::io::Error::other("initramfs loader panicked"),
                 })
             })
