@@ -25,9 +25,14 @@ export HUSK_INITRD := $(abspath $(INITRD))
 export HUSK_VMM := $(abspath $(VMM))
 export HUSK_SHIM_DIR := $(abspath $(dir $(SHIM)))
 
-.PHONY: build guest guest-test kernel agent initrd vmm shim demo install installer-image test test-unit test-vm lint fmt bench bench-boot bench-start fuzz clean
+.PHONY: setup build guest guest-test kernel agent initrd vmm shim demo install installer-image test test-unit test-vm lint fmt bench bench-boot bench-start fuzz clean
 
 build: guest vmm shim
+
+## The Debian packages the build, the demo and the tests need (idempotent:
+## nothing happens when they are all there). `demo` and `test` run it first.
+setup:
+	scripts/setup-host.sh
 
 ## Guest image: kernel (cached outside the repo, see scripts/build-kernel.sh) + initramfs.
 guest: kernel initrd
@@ -58,7 +63,8 @@ shim:
 
 ## Start a private containerd, import a small local image and run a container
 ## in a microVM with `ctr run --runtime io.containerd.husk.v2`.
-demo: build
+demo: setup
+	$(MAKE) build
 	$(CARGO) build --release -p husk-tests --bin husk-demo
 	@echo "== running a container in a husk microVM (on nested KVM this takes ~1 min)"
 	target/release/husk-demo
@@ -83,7 +89,8 @@ installer-image: build
 		--out build/husk-installer.tar --kubectl "$${KUBECTL:-auto}"
 
 ## Everything: unit tests, then the real-VM tests one at a time.
-test: guest lint test-unit test-vm
+test: setup
+	$(MAKE) guest lint test-unit test-vm
 
 test-unit:
 	$(CARGO) test --workspace --exclude husk-tests

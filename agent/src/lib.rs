@@ -11,10 +11,12 @@
 //! - [`network`]: interfaces and routes over netlink
 //! - [`error`]: RPC errors as ttrpc statuses
 //! - [`power`]: power-off, and the panic hook that uses it
+//! - [`clocks`]: the clocksource and clockevent the guest kernel chose
 //! - [`args`]: command line
 
 pub mod args;
 pub mod cgroup;
+pub mod clocks;
 pub mod container;
 pub mod error;
 pub mod init;

@@ -48,6 +48,11 @@ impl AgentService for Agent {
         let mut resp = CheckResponse::new();
         resp.kernel_release = uts.release().to_string_lossy().into_owned();
         resp.agent_version = env!("CARGO_PKG_VERSION").to_owned();
+        let clocks = crate::clocks::GuestClocks::read();
+        resp.clocksource = clocks.clocksource;
+        resp.available_clocksources = clocks.available_clocksources;
+        resp.clockevent = clocks.clockevent;
+        resp.uptime_secs = clocks.uptime_secs;
         Ok(resp)
     }
 

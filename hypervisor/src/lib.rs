@@ -5,19 +5,23 @@
 //! enum per module. [`vm::Vm`] is the entry point.
 
 pub mod acpi;
+pub mod activity;
 pub mod boot;
 pub mod bus;
+pub mod calibrate;
 pub mod cpuid;
 pub mod device_manager;
 pub mod devices;
 pub mod exit;
 pub mod host;
 pub mod layout;
+pub mod ledger;
 pub mod memory;
 pub mod metrics;
 pub mod vcpu;
 pub mod vm;
 
+pub use activity::GuestActivity;
 pub use devices::legacy::serial::ConsoleOutput;
 pub use exit::ExitReason;
 pub use host::{HostProfile, HostProfileSetting};

@@ -49,6 +49,61 @@ pub struct VcpuStats {
     pub first_run: OnceLock<Instant>,
 }
 
+/// Where a vCPU was when the host looked: to say what a stuck guest does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VcpuSample {
+    pub id: u8,
+    pub rip: u64,
+    pub user_mode: bool,
+    pub interrupts_enabled: bool,
+}
+
+impl std::fmt::Display for VcpuSample {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "vCPU {} in {} mode at rip {:#x} (interrupts {})",
+            self.id,
+            if self.user_mode { "user" } else { "kernel" },
+            self.rip,
+            if self.interrupts_enabled { "on" } else { "off" }
+        )
+    }
+}
+
+/// Samples the host asked for: each vCPU answers after its next exit (a
+/// kick makes one). Only vCPU threads may read their registers while the
+/// vCPU runs, hence the round trip.
+#[derive(Debug, Default)]
+pub struct VcpuSampler {
+    /// Bit N: vCPU N should take a sample.
+    requested: AtomicU64,
+    samples: std::sync::Mutex<Vec<VcpuSample>>,
+}
+
+impl VcpuSampler {
+    /// Asks vCPUs `0..count` for a sample, dropping older ones.
+    pub fn request(&self, count: u8) {
+        crate::bus::lock(&self.samples).clear();
+        let all = if count >= 64 {
+            u64::MAX
+        } else {
+            (1u64 << count) - 1
+        };
+        self.requested.fetch_or(all, Ordering::SeqCst);
+    }
+
+    fn take_request(&self, id: u8) -> bool {
+        let bit = 1u64 << (id % 64);
+        self.requested.fetch_and(!bit, Ordering::SeqCst) & bit != 0
+    }
+
+    /// The samples taken since the last [`request`](Self::request).
+    pub fn samples(&self) -> Vec<VcpuSample> {
+        crate::bus::lock(&self.samples).clone()
+    }
+}
+
 /// One vCPU and what it needs to handle its exits.
 pub struct Vcpu {
     pub fd: VcpuFd,
@@ -58,6 +113,7 @@ pub struct Vcpu {
     pub exit: Arc<ExitSignal>,
     pub stop: Arc<AtomicBool>,
     pub stats: Arc<VcpuStats>,
+    pub sampler: Arc<VcpuSampler>,
 }
 
 fn thread_cpu_time() -> Duration {
@@ -101,7 +157,23 @@ impl Vcpu {
                     self.exit.request(reason);
                 }
             }
+            if self.sampler.take_request(self.id) {
+                self.take_sample();
+            }
         }
+    }
+
+    fn take_sample(&self) {
+        let (Ok(regs), Ok(sregs)) = (self.fd.get_regs(), self.fd.get_sregs()) else {
+            return;
+        };
+        const RFLAGS_IF: u64 = 1 << 9;
+        crate::bus::lock(&self.sampler.samples).push(VcpuSample {
+            id: self.id,
+            rip: regs.rip,
+            user_mode: sregs.cs.dpl == 3,
+            interrupts_enabled: regs.rflags & RFLAGS_IF != 0,
+        });
     }
 
     fn run_once(&mut self) -> Step {

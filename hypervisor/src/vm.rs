@@ -13,6 +13,7 @@ use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::activity::GuestActivity;
 use crate::boot::{self, BootInputs};
 use crate::bus::Bus;
 use crate::cpuid::{self, CpuidPolicy};
@@ -25,7 +26,7 @@ use crate::devices::virtio::vsock::Vsock;
 use crate::exit::{ExitReason, ExitSignal};
 use crate::host::{HostProfile, HostProfileSetting};
 use crate::layout::*;
-use crate::vcpu::{self, Vcpu, VcpuStats};
+use crate::vcpu::{self, Vcpu, VcpuSample, VcpuSampler, VcpuStats};
 use crate::{acpi, memory};
 
 /// Kernel arguments every husk guest gets. `quiet` because every console
@@ -92,6 +93,10 @@ pub struct VmConfig {
     pub vsock: Option<VsockConfig>,
     pub shared_fs: Option<SharedFsConfig>,
     pub net: Vec<NetConfig>,
+    /// Where the VM records the guest's signs of life (see
+    /// [`Vm::progress`]); share it to feed other sources in, such as the
+    /// agent's log stream.
+    pub activity: Arc<GuestActivity>,
 }
 
 impl VmConfig {
@@ -108,6 +113,7 @@ impl VmConfig {
             vsock: None,
             shared_fs: None,
             net: Vec::new(),
+            activity: Arc::default(),
         }
     }
 }
@@ -208,6 +214,8 @@ pub struct Vm {
     vcpu_threads: Vec<JoinHandle<()>>,
     devices: DeviceManager,
     stats: Arc<VcpuStats>,
+    sampler: Arc<VcpuSampler>,
+    activity: Arc<GuestActivity>,
     started: Instant,
     mem: GuestMemoryMmap,
     // Dropped after the vCPU threads are joined (fields drop in order).
@@ -278,6 +286,7 @@ impl Vm {
         }
 
         let mem = memory::create(config.memory_mib)?;
+        crate::ledger::record_start();
         let cmdline = guest_cmdline(profile, &config.extra_cmdline);
         let inputs = BootInputs {
             kernel: &config.kernel,
@@ -357,6 +366,7 @@ impl Vm {
         vcpu::install_kick_handler().map_err(io_err("install vCPU kick handler"))?;
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(VcpuStats::default());
+        let sampler = Arc::new(VcpuSampler::default());
         let mut vcpus = Vec::with_capacity(config.vcpus.into());
         for id in 0..config.vcpus {
             let fd = vm_fd
@@ -373,6 +383,7 @@ impl Vm {
                 exit: exit.clone(),
                 stop: stop.clone(),
                 stats: stats.clone(),
+                sampler: sampler.clone(),
             });
         }
 
@@ -383,6 +394,8 @@ impl Vm {
             vcpu_threads: Vec::new(),
             devices,
             stats,
+            sampler,
+            activity: config.activity.clone(),
             started,
             mem,
             _vm_fd: vm_fd,
@@ -473,6 +486,63 @@ impl Vm {
         }
     }
 
+    /// Signs of life from the guest so far: exits the VMM handled, console
+    /// lines, and whatever else was fed into the config's activity. Only
+    /// ever grows; a guest that stops making progress stops moving it.
+    pub fn progress(&self) -> u64 {
+        self.stats.exits.load(Ordering::Relaxed) + self.activity.events()
+    }
+
+    /// The last lines the guest printed (console, agent log), oldest first.
+    pub fn last_output(&self) -> Vec<String> {
+        self.activity.tail()
+    }
+
+    /// Where each vCPU is now: kicks every vCPU out of the guest once and
+    /// waits up to `timeout` for their answers.
+    pub fn sample_vcpus(&self, timeout: Duration) -> Vec<VcpuSample> {
+        let count = u8::try_from(self.vcpu_threads.len()).unwrap_or(u8::MAX);
+        self.sampler.request(count);
+        for handle in &self.vcpu_threads {
+            vcpu::kick(handle);
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut samples = self.sampler.samples();
+            if samples.len() >= self.vcpu_threads.len() || Instant::now() >= deadline {
+                samples.sort_by_key(|s| s.id);
+                return samples;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// What the guest is doing, in one line for errors and logs: where its
+    /// vCPUs are, how much it did, and the last lines it printed.
+    pub fn describe_guest(&self) -> String {
+        const SAMPLE_TIMEOUT: Duration = Duration::from_millis(200);
+        let vcpus: Vec<String> = self
+            .sample_vcpus(SAMPLE_TIMEOUT)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        let output = self.last_output();
+        format!(
+            "guest: {} signs of life, {}; last guest output: {}",
+            self.progress(),
+            if vcpus.is_empty() {
+                "vCPUs did not answer".to_string()
+            } else {
+                vcpus.join(", ")
+            },
+            if output.is_empty() {
+                "(nothing)".to_string()
+            } else {
+                output.join(" | ")
+            }
+        )
+    }
+
     /// Host address ranges of guest RAM (to tell VMM memory from guest memory).
     pub fn guest_memory_host_ranges(&self) -> Vec<(usize, usize)> {
         self.mem
@@ -501,6 +571,18 @@ impl Vm {
     }
 }
 
+impl husk_vsock::GuestWatch for Vm {
+    fn progress(&self) -> u64 {
+        Vm::progress(self)
+    }
+    fn ended(&self) -> Option<String> {
+        self.exit_reason().map(|r| r.to_string())
+    }
+    fn describe(&self) -> String {
+        self.describe_guest()
+    }
+}
+
 impl Drop for Vm {
     fn drop(&mut self) {
         self.teardown();
@@ -514,7 +596,8 @@ fn legacy_devices(vm_fd: &VmFd, config: &VmConfig, exit: &Arc<ExitSignal>) -> Re
     vm_fd
         .register_irqfd(&serial_irq, SERIAL_GSI)
         .map_err(kvm_err("register serial irqfd"))?;
-    let sink = ConsoleSink::open(&config.console).map_err(VmError::Console)?;
+    let sink =
+        ConsoleSink::open(&config.console, config.activity.clone()).map_err(VmError::Console)?;
     pio.insert(
         Arc::new(Mutex::new(SerialDevice::new(serial_irq, sink))),
         COM1_PORT.into(),

@@ -226,7 +226,7 @@ impl Shim {
             Ok(resp) => resp.pid,
             Err(e) => {
                 let _ = rootfs::remove_container(&dirs);
-                return Err(from_agent("CreateContainer", e));
+                return Err(sandbox.agent_error("CreateContainer", e));
             }
         };
 
@@ -286,7 +286,7 @@ impl Shim {
                 .agent
                 .start_container(sandbox.ctx(), &req)
                 .await
-                .map_err(|e| from_agent("StartContainer", e))?;
+                .map_err(|e| sandbox.agent_error("StartContainer", e))?;
         } else {
             if container.init.state() != ProcessState::Running {
                 return Err(precondition(format!("container {id} is not running")));
@@ -301,7 +301,7 @@ impl Shim {
                 .agent
                 .exec_process(sandbox.ctx(), &req)
                 .await
-                .map_err(|e| from_agent("ExecProcess", e))?;
+                .map_err(|e| sandbox.agent_error("ExecProcess", e))?;
             process.set_pid(resp.pid);
             let attached = io::attach(
                 &sandbox.vsock_uds,
@@ -419,7 +419,7 @@ impl Shim {
             .agent
             .signal_process(sandbox.ctx(), &req)
             .await
-            .map_err(|e| from_agent("SignalProcess", e))?;
+            .map_err(|e| sandbox.agent_error("SignalProcess", e))?;
         Ok(())
     }
 
@@ -459,7 +459,7 @@ impl Shim {
                 .agent
                 .pause_container(sandbox.ctx(), &req)
                 .await
-                .map_err(|e| from_agent("PauseContainer", e))?;
+                .map_err(|e| sandbox.agent_error("PauseContainer", e))?;
         } else {
             let mut req = pb::ResumeContainerRequest::new();
             req.container_id = id.into();
@@ -467,7 +467,7 @@ impl Shim {
                 .agent
                 .resume_container(sandbox.ctx(), &req)
                 .await
-                .map_err(|e| from_agent("ResumeContainer", e))?;
+                .map_err(|e| sandbox.agent_error("ResumeContainer", e))?;
         }
         container.paused.store(paused, Ordering::SeqCst);
         if paused {

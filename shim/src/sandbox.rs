@@ -14,7 +14,9 @@ use std::time::Duration;
 use husk_config::Config;
 use husk_hypervisor::cpuid::CpuidPolicy;
 use husk_hypervisor::vm::{NetConfig, SharedFsConfig};
-use husk_hypervisor::{ConsoleOutput, ExitReason, HostProfileSetting, Vm, VmConfig, VsockConfig};
+use husk_hypervisor::{
+    ConsoleOutput, ExitReason, HostProfile, HostProfileSetting, Vm, VmConfig, VsockConfig,
+};
 use husk_protocol::agent::{
     CreateSandboxRequest, DestroySandboxRequest, Storage, UpdateInterfaceRequest,
     UpdateRoutesRequest,
@@ -149,12 +151,7 @@ fn vm_config(
         "none" => ConsoleOutput::Discard,
         path => ConsoleOutput::File(path.into()),
     };
-    vm.extra_cmdline = format!(
-        "{} HUSK_AGENT_LOG={}",
-        hv.kernel_args, config.agent.log_level
-    )
-    .trim()
-    .to_string();
+    vm.extra_cmdline = guest_args(config);
     vm.vsock = Some(VsockConfig {
         guest_cid: GUEST_CID,
         uds_path: vsock_socket(dir),
@@ -166,6 +163,50 @@ fn vm_config(
         xattr: config.shared_fs.xattr,
     });
     Ok(vm)
+}
+
+/// Kernel arguments the config adds: the guest's console log level (when
+/// not the default `quiet`), the admin's own, and the agent's log level.
+fn guest_args(config: &Config) -> String {
+    let hv = &config.hypervisor;
+    let loglevel = (hv.guest_loglevel != husk_config::DEFAULT_GUEST_LOGLEVEL)
+        .then(|| format!("loglevel={}", hv.guest_loglevel));
+    [
+        loglevel.as_deref().unwrap_or(""),
+        hv.kernel_args.as_str(),
+        &format!("HUSK_AGENT_LOG={}", config.agent.log_level),
+    ]
+    .iter()
+    .filter(|a| !a.is_empty())
+    .copied()
+    .collect::<Vec<_>>()
+    .join(" ")
+}
+
+/// Which setting a failed boot would need raised, if the host is just slow.
+fn boot_hint(e: &husk_vsock::BootError, config: &Path) -> String {
+    let setting = match e {
+        husk_vsock::BootError::Stalled { .. } => "boot_timeout_secs",
+        husk_vsock::BootError::TooLong { .. } => "boot_max_secs",
+        husk_vsock::BootError::Ended { .. } | husk_vsock::BootError::Connect { .. } => {
+            return String::new()
+        }
+    };
+    format!(
+        "; if the host is just slow, raise [agent] {setting} in {}",
+        config.display()
+    )
+}
+
+/// Stops a VM that never became a sandbox; returns why it ended.
+async fn stop_in_background(vm: Vm) -> String {
+    tokio::task::spawn_blocking(move || {
+        let mut vm = vm;
+        vm.stop()
+    })
+    .await
+    .map(|r| r.to_string())
+    .unwrap_or_default()
 }
 
 fn rpc_err(rpc: &'static str) -> impl FnOnce(ttrpc::Error) -> SandboxError {
@@ -218,8 +259,11 @@ impl Sandbox {
         ] {
             let _ = std::fs::remove_file(stale);
         }
-        let guest_log =
-            husk_vsock::GuestLogReceiver::bind(&vsock_uds).map_err(io_err(&vsock_uds))?;
+        let activity = vm_config.activity.clone();
+        let guest_log = husk_vsock::GuestLogReceiver::bind_with_sink(&vsock_uds, move |line| {
+            activity.note_line("agent", &line.message)
+        })
+        .map_err(io_err(&vsock_uds))?;
 
         let vm = tokio::task::spawn_blocking(move || Vm::start(&vm_config))
             .await
@@ -230,36 +274,41 @@ impl Sandbox {
             .try_clone_to_owned()
             .map_err(io_err(&dir))?;
         let stats = vm.vmm_stats();
+        let timeouts = config
+            .agent
+            .timeouts(vm.host_profile() == HostProfile::NestedPvm);
         tracing::info!(
             sandbox = id,
             profile = vm.host_profile().name(),
-            "VM started ({stats:?})"
+            "VM started ({stats:?}); waiting for the agent ({timeouts:?})"
         );
         // The VMM created the taps; mirror them to the pod's interfaces while
         // the guest boots.
         if let Some(net) = &net {
             if let Err(e) = network::connect(net).await {
-                let _ = tokio::task::spawn_blocking(move || {
-                    let mut vm = vm;
-                    vm.stop()
-                })
-                .await;
+                stop_in_background(vm).await;
                 return Err(e.into());
             }
         }
 
-        let boot_timeout = Duration::from_secs(config.agent.boot_timeout_secs);
-        let agent = match husk_vsock::agent_client(&vsock_uds, boot_timeout).await {
-            Ok(client) => client,
+        let limits = husk_vsock::BootLimits {
+            stall: timeouts.boot_stall,
+            max: timeouts.boot_max,
+        };
+        let agent = match husk_vsock::wait_for_agent(&vsock_uds, &vm, limits).await {
+            Ok((client, boot_time)) => {
+                husk_hypervisor::ledger::record_ready(boot_time);
+                tracing::info!(
+                    sandbox = id,
+                    "guest agent answered {:.1} s after the VM started",
+                    boot_time.as_secs_f64()
+                );
+                client
+            }
             Err(e) => {
-                let reason = tokio::task::spawn_blocking(move || {
-                    let mut vm = vm;
-                    vm.stop()
-                })
-                .await
-                .map(|r| r.to_string())
-                .unwrap_or_default();
-                return Err(SandboxError::Agent(format!("{e} (VM: {reason})")));
+                let hint = boot_hint(&e, &config.source);
+                let reason = stop_in_background(vm).await;
+                return Err(SandboxError::Agent(format!("{e} (VM: {reason}){hint}")));
             }
         };
         let sandbox = Sandbox {
@@ -268,7 +317,7 @@ impl Sandbox {
             shared_dir,
             vsock_uds,
             agent,
-            request_timeout: Duration::from_secs(config.agent.request_timeout_secs),
+            request_timeout: timeouts.request,
             vm: Mutex::new(Some(vm)),
             exit_fd,
             _guest_log: guest_log,
@@ -323,6 +372,31 @@ impl Sandbox {
             net.interfaces
         );
         Ok(())
+    }
+
+    /// An agent error for the task API. A request that timed out also says
+    /// what the guest was doing (logged, and in the error's message).
+    pub fn agent_error(&self, rpc: &str, e: ttrpc::Error) -> ttrpc::Error {
+        let timed_out = e.to_string().to_ascii_lowercase().contains("timeout");
+        let err = crate::errors::from_agent(rpc, e);
+        if !timed_out {
+            return err;
+        }
+        let Some(diagnosis) = lock(&self.vm).as_ref().map(Vm::describe_guest) else {
+            return err;
+        };
+        tracing::warn!(sandbox = self.id, "agent {rpc} timed out; {diagnosis}");
+        match err {
+            ttrpc::Error::RpcStatus(mut s) => {
+                s.message = format!(
+                    "{} (after {:.0} s; raise [agent] request_timeout_secs if the host is just slow); {diagnosis}",
+                    s.message,
+                    self.request_timeout.as_secs_f64()
+                );
+                ttrpc::Error::RpcStatus(s)
+            }
+            other => other,
+        }
     }
 
     /// A request context with the configured timeout.
@@ -440,6 +514,16 @@ mod tests {
         drop(listener);
         // The socket file stays behind a crashed VMM; nobody accepts on it.
         assert!(!is_alive(dir.path()));
+    }
+
+    #[test]
+    fn guest_args_carry_the_loglevel_only_when_not_quiet() {
+        let mut config = Config::default();
+        assert_eq!(guest_args(&config), "HUSK_AGENT_LOG=info");
+        config.hypervisor.guest_loglevel = 7;
+        config.hypervisor.kernel_args = "foo=1".into();
+        config.agent.log_level = "debug".into();
+        assert_eq!(guest_args(&config), "loglevel=7 foo=1 HUSK_AGENT_LOG=debug");
     }
 
     #[test]

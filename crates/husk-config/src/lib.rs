@@ -2,6 +2,7 @@
 //! validation. `configs/husk.toml` is the documented default.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -42,6 +43,8 @@ pub struct HypervisorConfig {
     pub host_profile: String,
     pub kernel_args: String,
     pub console: String,
+    /// The guest kernel's console log level (`loglevel=`); 4 is `quiet`.
+    pub guest_loglevel: u8,
 }
 
 impl Default for HypervisorConfig {
@@ -55,24 +58,82 @@ impl Default for HypervisorConfig {
             host_profile: "auto".into(),
             kernel_args: String::new(),
             console: "log".into(),
+            guest_loglevel: DEFAULT_GUEST_LOGLEVEL,
         }
     }
 }
 
+/// The guest kernel's console log level unless configured: what `quiet`
+/// gives (errors and worse). Every console byte is a port I/O exit.
+pub const DEFAULT_GUEST_LOGLEVEL: u8 = 4;
+
+/// Timeouts for the agent. Unset ones take the defaults of the host kind
+/// (see [`AgentConfig::timeouts`]).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AgentConfig {
-    pub boot_timeout_secs: u64,
-    pub request_timeout_secs: u64,
+    pub boot_timeout_secs: Option<u64>,
+    pub boot_max_secs: Option<u64>,
+    pub request_timeout_secs: Option<u64>,
     pub log_level: String,
 }
 
 impl Default for AgentConfig {
     fn default() -> Self {
         Self {
-            boot_timeout_secs: 300,
-            request_timeout_secs: 120,
+            boot_timeout_secs: None,
+            boot_max_secs: None,
+            request_timeout_secs: None,
             log_level: "info".into(),
+        }
+    }
+}
+
+/// The agent timeouts in force on one host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AgentTimeouts {
+    /// A boot fails once the guest shows no progress for this long.
+    pub boot_stall: Duration,
+    /// A boot fails after this long whatever it shows.
+    pub boot_max: Duration,
+    /// One agent request (create, exec, ...).
+    pub request: Duration,
+}
+
+impl AgentTimeouts {
+    /// Bare-metal KVM: a guest boots in ~0.1 s and a request takes
+    /// milliseconds; the bounds only catch a broken guest, quickly.
+    pub const NATIVE: AgentTimeouts = AgentTimeouts {
+        boot_stall: Duration::from_secs(30),
+        boot_max: Duration::from_secs(120),
+        request: Duration::from_secs(60),
+    };
+    /// Nested PVM: guest kernel code is emulated, and hosts of one kind
+    /// differ 7x: a boot took 33 s on one and 247-300 s on another, a
+    /// container's first create minutes. The stall bound is twice the
+    /// slowest whole boot seen, the cap twelve times it.
+    pub const NESTED: AgentTimeouts = AgentTimeouts {
+        boot_stall: Duration::from_secs(600),
+        boot_max: Duration::from_secs(3600),
+        request: Duration::from_secs(1200),
+    };
+}
+
+impl AgentConfig {
+    /// The timeouts for a host: configured values, else that host kind's
+    /// defaults. The cap is never below the stall bound.
+    pub fn timeouts(&self, nested_host: bool) -> AgentTimeouts {
+        let defaults = if nested_host {
+            AgentTimeouts::NESTED
+        } else {
+            AgentTimeouts::NATIVE
+        };
+        let secs = |v: Option<u64>, default: Duration| v.map_or(default, Duration::from_secs);
+        let boot_stall = secs(self.boot_timeout_secs, defaults.boot_stall);
+        AgentTimeouts {
+            boot_stall,
+            boot_max: secs(self.boot_max_secs, defaults.boot_max).max(boot_stall),
+            request: secs(self.request_timeout_secs, defaults.request),
         }
     }
 }
@@ -223,8 +284,31 @@ impl Config {
                 "must be 64 MiB to 1 TiB".into(),
             ));
         }
-        if self.agent.boot_timeout_secs == 0 || self.agent.request_timeout_secs == 0 {
-            return Err(invalid("agent", "timeouts must be positive".into()));
+        for (field, value) in [
+            ("agent.boot_timeout_secs", self.agent.boot_timeout_secs),
+            ("agent.boot_max_secs", self.agent.boot_max_secs),
+            (
+                "agent.request_timeout_secs",
+                self.agent.request_timeout_secs,
+            ),
+        ] {
+            if value == Some(0) {
+                return Err(invalid(field, "must be positive".into()));
+            }
+        }
+        if let (Some(stall), Some(max)) = (self.agent.boot_timeout_secs, self.agent.boot_max_secs) {
+            if max < stall {
+                return Err(invalid(
+                    "agent.boot_max_secs",
+                    format!("{max} is below agent.boot_timeout_secs ({stall})"),
+                ));
+            }
+        }
+        if self.hypervisor.guest_loglevel > 8 {
+            return Err(invalid(
+                "hypervisor.guest_loglevel",
+                "must be 0 to 8 (kernel console log levels)".into(),
+            ));
         }
         one_of(
             path,
@@ -311,6 +395,46 @@ mod tests {
         );
         let e = Config::parse("[nonsense]\n", path).unwrap_err().to_string();
         assert!(e.contains("nonsense"), "{e}");
+    }
+
+    #[test]
+    fn timeouts_follow_the_host_unless_configured() {
+        let path = Path::new("/etc/husk/husk.toml");
+        let defaults = Config::parse("", path).unwrap().agent;
+        assert_eq!(defaults.timeouts(false), AgentTimeouts::NATIVE);
+        assert_eq!(defaults.timeouts(true), AgentTimeouts::NESTED);
+        let set = Config::parse(
+            "[agent]\nboot_timeout_secs = 900\nrequest_timeout_secs = 5\n",
+            path,
+        )
+        .unwrap()
+        .agent;
+        let native = set.timeouts(false);
+        assert_eq!(native.boot_stall, Duration::from_secs(900));
+        assert_eq!(
+            native.boot_max,
+            Duration::from_secs(900),
+            "cap never below stall"
+        );
+        assert_eq!(native.request, Duration::from_secs(5));
+        assert_eq!(set.timeouts(true).boot_max, AgentTimeouts::NESTED.boot_max);
+        for (bad, field) in [
+            (
+                "[agent]\nrequest_timeout_secs = 0\n",
+                "agent.request_timeout_secs",
+            ),
+            (
+                "[agent]\nboot_timeout_secs = 60\nboot_max_secs = 30\n",
+                "agent.boot_max_secs",
+            ),
+            (
+                "[hypervisor]\nguest_loglevel = 9\n",
+                "hypervisor.guest_loglevel",
+            ),
+        ] {
+            let e = Config::parse(bad, path).unwrap_err().to_string();
+            assert!(e.contains(field), "{bad:?}: {e}");
+        }
     }
 
     #[test]

@@ -194,11 +194,17 @@ fn agent_check(
             .map_err(|e| format!("Check RPC: {e}"))?;
         report.agent_ready_at = Some(Instant::now());
         report.kernel_release = Some(health.kernel_release.clone());
+        husk_hypervisor::ledger::record_ready(started.elapsed());
         println!(
-            "agent ready after {:.1} s: guest kernel {}, husk-agent {}",
+            "agent ready after {:.1} s: guest kernel {}, husk-agent {}, clocksource {} (of {}), \
+             clockevent {}, guest uptime {:.1} s",
             started.elapsed().as_secs_f64(),
             health.kernel_release,
-            health.agent_version
+            health.agent_version,
+            health.clocksource,
+            health.available_clocksources,
+            health.clockevent,
+            health.uptime_secs,
         );
         client
             .shutdown(rpc_timeout, &ShutdownRequest::new())

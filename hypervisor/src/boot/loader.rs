@@ -261,7 +261,7 @@ pub(crate) const BOOT_GDT: [u64; 4] = [
     gdt_entry(0x808b, 0, 0xfffff),
 ];
 
-fn write_gdt_and_page_tables(mem: &GuestMemoryMmap) -> Result<(), BootError> {
+pub(crate) fn write_gdt_and_page_tables(mem: &GuestMemoryMmap) -> Result<(), BootError> {
     let gm = |what| move |source| BootError::GuestMemory { what, source };
     for (i, entry) in BOOT_GDT.iter().enumerate() {
         mem.write_obj(*entry, GuestAddress(BOOT_GDT_START + 8 * i as u64))

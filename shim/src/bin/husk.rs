@@ -4,7 +4,10 @@
 use std::process::{Command, ExitCode};
 
 use clap::{Parser, Subcommand};
+use husk_hypervisor::calibrate;
 use husk_hypervisor::host::{check_kvm, HostProfile};
+use husk_hypervisor::{HostProfileSetting, Vm, VmConfig, VsockConfig};
+use husk_protocol::agent::{CheckRequest, ShutdownRequest};
 
 #[derive(Parser)]
 #[command(
@@ -20,7 +23,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Check KVM, the guest assets and containerd on this node.
-    Check,
+    Check {
+        /// Also boot a guest with the config's kernel and initramfs, and
+        /// report its boot time and the clocks its kernel chose.
+        #[arg(long)]
+        boot: bool,
+    },
 }
 
 struct Report {
@@ -67,7 +75,7 @@ fn on_path(binary: &str) -> Option<std::path::PathBuf> {
     })
 }
 
-fn check() -> ExitCode {
+fn check(boot: bool) -> ExitCode {
     let mut report = Report { failed: false };
     match check_kvm() {
         Ok(kvm) => {
@@ -106,12 +114,28 @@ fn check() -> ExitCode {
         match profile {
             HostProfile::Native => "native KVM".to_string(),
             HostProfile::NestedPvm => format!(
-                "nested PVM detected: guests get {:?}",
+                "nested PVM detected (guest kernel code is emulated): guests get {:?}",
                 profile.kernel_args()
             ),
         },
     );
-    match husk_config::Config::discover() {
+    match calibrate::measure_kernel_speed(profile) {
+        Ok(speed) => report.info(
+            "guest kernel speed",
+            format!(
+                "{:.1} M loop iterations/s at guest CPL0 ({}); expect a cold guest boot to take ~{:.1} s",
+                speed.iterations_per_sec / 1e6,
+                if speed.is_emulated() {
+                    "emulated: boots and container starts are slow here"
+                } else {
+                    "native"
+                },
+                speed.estimated_boot().as_secs_f64()
+            ),
+        ),
+        Err(e) => report.line(false, "guest kernel speed", e),
+    }
+    let config = match husk_config::Config::discover() {
         Ok(config) => {
             report.line(true, "config", config.source.display());
             for (what, path) in [
@@ -120,9 +144,23 @@ fn check() -> ExitCode {
             ] {
                 report.line(path.is_file(), what, path.display());
             }
+            let t = config.agent.timeouts(profile == HostProfile::NestedPvm);
+            report.info(
+                "agent timeouts",
+                format!(
+                    "boot fails after {} s without progress or {} s in all; requests after {} s",
+                    t.boot_stall.as_secs(),
+                    t.boot_max.as_secs(),
+                    t.request.as_secs()
+                ),
+            );
+            Some(config)
         }
-        Err(e) => report.line(false, "config", e),
-    }
+        Err(e) => {
+            report.line(false, "config", e);
+            None
+        }
+    };
     match on_path("containerd-shim-husk-v2") {
         Some(p) => report.line(true, "shim on PATH", p.display()),
         None => report.line(
@@ -136,6 +174,25 @@ fn check() -> ExitCode {
         Ok(v) => report.line(false, "containerd", format!("{v} is older than 1.6")),
         Err(e) => report.line(false, "containerd", e),
     }
+    if boot {
+        match config {
+            Some(config) if config.check_guest_assets().is_ok() => {
+                match boot_guest(&config, profile) {
+                    Ok(lines) => {
+                        for (what, detail) in lines {
+                            report.line(true, what, detail);
+                        }
+                    }
+                    Err(e) => report.line(false, "guest boot", e),
+                }
+            }
+            _ => report.line(
+                false,
+                "guest boot",
+                "not tried: the config or the guest kernel and initramfs are missing",
+            ),
+        }
+    }
     if report.failed {
         ExitCode::FAILURE
     } else {
@@ -143,9 +200,92 @@ fn check() -> ExitCode {
     }
 }
 
+/// Boots one guest as a sandbox would (without devices but vsock), asks its
+/// agent for its health and clocks, and powers it off.
+fn boot_guest(
+    config: &husk_config::Config,
+    profile: HostProfile,
+) -> Result<Vec<(&'static str, String)>, String> {
+    let dir = tempfile::Builder::new()
+        .prefix("husk-check")
+        .tempdir()
+        .map_err(|e| format!("cannot make a temp dir: {e}"))?;
+    let uds = dir.path().join("vsock.sock");
+    let mut vm_config = VmConfig::new(&config.hypervisor.kernel);
+    vm_config.initrd = Some(config.hypervisor.initrd.clone());
+    vm_config.vcpus = config.hypervisor.vcpus;
+    vm_config.memory_mib = config.hypervisor.memory_mib;
+    vm_config.host_profile = HostProfileSetting::Force(profile);
+    vm_config.vsock = Some(VsockConfig {
+        guest_cid: 3,
+        uds_path: uds.clone(),
+    });
+    let activity = vm_config.activity.clone();
+    let _guest_log = husk_vsock::GuestLogReceiver::bind_with_sink(&uds, move |line| {
+        activity.note_line("agent", &line.message)
+    })
+    .map_err(|e| format!("cannot listen for guest logs: {e}"))?;
+    let timeouts = config.agent.timeouts(profile == HostProfile::NestedPvm);
+    let mut vm = Vm::start(&vm_config).map_err(|e| e.to_string())?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start async runtime: {e}"))?;
+    let limits = husk_vsock::BootLimits {
+        stall: timeouts.boot_stall,
+        max: timeouts.boot_max,
+    };
+    let answered = runtime.block_on(async {
+        let (client, boot_time) = husk_vsock::wait_for_agent(&uds, &vm, limits)
+            .await
+            .map_err(|e| e.to_string())?;
+        husk_hypervisor::ledger::record_ready(boot_time);
+        let ctx = || ttrpc::context::with_timeout(timeouts.request.as_nanos() as i64);
+        let health = client
+            .check(ctx(), &CheckRequest::new())
+            .await
+            .map_err(|e| format!("Check: {e}"))?;
+        client
+            .shutdown(ctx(), &ShutdownRequest::new())
+            .await
+            .map_err(|e| format!("Shutdown: {e}"))?;
+        Ok::<_, String>((boot_time, health))
+    });
+    let (boot_time, health) = match answered {
+        Ok(answer) => answer,
+        Err(e) => {
+            let reason = vm.stop();
+            return Err(format!("{e} (VM: {reason})"));
+        }
+    };
+    let ended = vm.wait_timeout(Some(timeouts.request));
+    if ended.is_none() {
+        vm.stop();
+        return Err("the guest did not power off after Shutdown".into());
+    }
+    Ok(vec![
+        (
+            "guest boot",
+            format!(
+                "agent answered {:.1} s after the VM started (guest uptime {:.1} s), kernel {}",
+                boot_time.as_secs_f64(),
+                health.uptime_secs,
+                health.kernel_release
+            ),
+        ),
+        (
+            "guest clocks",
+            format!(
+                "clocksource {} (available: {}), clockevent {}",
+                health.clocksource, health.available_clocksources, health.clockevent
+            ),
+        ),
+    ])
+}
+
 fn main() -> ExitCode {
     match Cli::parse().command {
-        Cmd::Check => check(),
+        Cmd::Check { boot } => check(boot),
     }
 }
 

@@ -3,10 +3,12 @@
 use std::fs::File;
 use std::io::{self, Write};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::activity::GuestActivity;
 use crate::bus::BusDevice;
 
 /// Where the guest console goes.
@@ -36,10 +38,12 @@ impl Trigger for IrqfdTrigger {
 const MAX_LINE: usize = 4096;
 
 /// Line-buffers console bytes. vm-superio flushes after every byte; writing
-/// per line keeps host syscalls (and log records) per line instead.
+/// per line keeps host syscalls (and log records) per line instead. Every
+/// line also goes to the VM's [`GuestActivity`], whatever the target.
 pub struct ConsoleSink {
     target: SinkTarget,
     line: Vec<u8>,
+    activity: Arc<GuestActivity>,
 }
 
 enum SinkTarget {
@@ -49,7 +53,7 @@ enum SinkTarget {
 }
 
 impl ConsoleSink {
-    pub fn open(output: &ConsoleOutput) -> io::Result<Self> {
+    pub fn open(output: &ConsoleOutput, activity: Arc<GuestActivity>) -> io::Result<Self> {
         let target = match output {
             ConsoleOutput::Discard => SinkTarget::Discard,
             ConsoleOutput::File(path) => {
@@ -60,10 +64,13 @@ impl ConsoleSink {
         Ok(Self {
             target,
             line: Vec::new(),
+            activity,
         })
     }
 
     fn emit_line(&mut self) {
+        self.activity
+            .note_line("console", &String::from_utf8_lossy(&self.line));
         match &mut self.target {
             SinkTarget::Discard => {}
             SinkTarget::File(f) => {
@@ -85,9 +92,6 @@ impl ConsoleSink {
 
 impl Write for ConsoleSink {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if matches!(self.target, SinkTarget::Discard) {
-            return Ok(buf.len());
-        }
         for &b in buf {
             self.line.push(b);
             if b == b'\n' || self.line.len() >= MAX_LINE {
@@ -149,7 +153,9 @@ mod tests {
         let path = std::env::temp_dir().join(format!("husk-console-{}", std::process::id()));
         let _ = std::fs::remove_file(&path);
         {
-            let sink = ConsoleSink::open(&ConsoleOutput::File(path.clone())).unwrap();
+            let activity = Arc::new(GuestActivity::default());
+            let sink =
+                ConsoleSink::open(&ConsoleOutput::File(path.clone()), activity.clone()).unwrap();
             let mut dev = SerialDevice::new(EventFd::new(0).unwrap(), sink);
             for b in b"hello\npartial" {
                 dev.write(0, &[*b]);
@@ -159,6 +165,8 @@ mod tests {
                 dev.write(0, b"x");
             }
             assert_eq!(std::fs::read(&path).unwrap().len(), 6 + MAX_LINE);
+            assert_eq!(activity.events(), 2, "each line is a sign of life");
+            assert_eq!(activity.tail()[0], "console: hello");
         }
         // Drop flushes the partial line.
         assert_eq!(std::fs::read(&path).unwrap().len(), 6 + MAX_LINE + 17);
@@ -167,7 +175,7 @@ mod tests {
 
     #[test]
     fn odd_accesses_do_not_panic() {
-        let sink = ConsoleSink::open(&ConsoleOutput::Discard).unwrap();
+        let sink = ConsoleSink::open(&ConsoleOutput::Discard, Arc::default()).unwrap();
         let mut dev = SerialDevice::new(EventFd::new(0).unwrap(), sink);
         dev.write(1000, &[1]);
         dev.write(0, &[]);
