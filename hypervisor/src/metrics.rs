@@ -28,6 +28,13 @@ pub fn non_vcpu_thread_cpu() -> Duration {
     Duration::from_millis(ticks * 1000 / USER_HZ)
 }
 
+/// CPU time (user + system, all threads) of process `pid` so far.
+pub fn process_cpu(pid: u32) -> Option<Duration> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, utime, stime) = parse_stat(&stat)?;
+    Some(Duration::from_millis((utime + stime) * 1000 / USER_HZ))
+}
+
 /// (comm, utime, stime) from a /proc/<pid>/stat line.
 fn parse_stat(stat: &str) -> Option<(&str, u64, u64)> {
     let open = stat.find('(')?;

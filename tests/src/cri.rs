@@ -53,13 +53,16 @@ pub const BRIDGE: &str = "huskbr0";
 /// The streaming server's port on 127.0.0.1 of the test's own network
 /// namespace, where nothing else listens, so any fixed port is free.
 const STREAM_PORT: u16 = 10010;
-/// How long RunPodSandbox may take: a husk VM boots in ~30-60 s on nested
-/// KVM (100 ms on bare metal); the bound only keeps a broken guest from
-/// hanging the suite.
-pub const POD_TIMEOUT: Duration = Duration::from_secs(300);
-/// How long any other CRI call may take (container creation in a VM on
-/// nested KVM takes seconds, exec of a small binary about one).
-pub const CALL_TIMEOUT: Duration = Duration::from_secs(240);
+/// How long RunPodSandbox may take: a whole guest boot, within husk's own
+/// bounds for this host (see [`crate::boot_timeout`]).
+fn pod_timeout() -> Duration {
+    crate::boot_timeout()
+}
+
+/// How long any other CRI call may take: one guest operation.
+fn call_timeout() -> Duration {
+    crate::op_timeout()
+}
 
 /// A network namespace created with `ip netns add`, deleted on drop.
 pub struct NetNs {
@@ -439,7 +442,7 @@ impl Cri {
         let mut c = self.client.clone();
         let resp = self.call(
             "RunPodSandbox",
-            POD_TIMEOUT,
+            pod_timeout(),
             c.run_pod_sandbox(RunPodSandboxRequest {
                 config: Some(config.clone()),
                 runtime_handler: handler.to_string(),
@@ -467,7 +470,7 @@ impl Cri {
         let mut c = self.client.clone();
         self.call(
             "PodSandboxStatus",
-            CALL_TIMEOUT,
+            call_timeout(),
             c.pod_sandbox_status(PodSandboxStatusRequest {
                 pod_sandbox_id: pod.id.clone(),
                 verbose: true,
@@ -560,7 +563,7 @@ impl Cri {
         let mut c = self.client.clone();
         self.call(
             "CreateContainer",
-            CALL_TIMEOUT,
+            call_timeout(),
             c.create_container(CreateContainerRequest {
                 pod_sandbox_id: pod.id.clone(),
                 config: Some(config.clone()),
@@ -574,7 +577,7 @@ impl Cri {
         let mut c = self.client.clone();
         self.call(
             "StartContainer",
-            CALL_TIMEOUT,
+            call_timeout(),
             c.start_container(StartContainerRequest {
                 container_id: id.to_string(),
             }),
@@ -592,11 +595,11 @@ impl Cri {
     pub fn try_exec_sync(&self, id: &str, cmd: &[&str]) -> Result<ExecSyncResponse, tonic::Status> {
         let mut c = self.client.clone();
         self.try_call(
-            CALL_TIMEOUT,
+            call_timeout(),
             c.exec_sync(ExecSyncRequest {
                 container_id: id.to_string(),
                 cmd: cmd.iter().map(|s| s.to_string()).collect(),
-                timeout: CALL_TIMEOUT.as_secs() as i64,
+                timeout: call_timeout().as_secs() as i64,
             }),
         )
     }
@@ -635,7 +638,7 @@ impl Cri {
         let url = self
             .call(
                 "Exec",
-                CALL_TIMEOUT,
+                call_timeout(),
                 c.exec(ExecRequest {
                     container_id: id.to_string(),
                     cmd: cmd.iter().map(|s| s.to_string()).collect(),
@@ -647,13 +650,14 @@ impl Cri {
             )
             .url;
         let streamed = self.rt.block_on(async {
-            tokio::time::timeout(CALL_TIMEOUT, self.stream_exec(&url, stdin)).await
+            tokio::time::timeout(call_timeout(), self.stream_exec(&url, stdin)).await
         });
         match streamed {
             Ok(Ok(out)) => out,
             Ok(Err(e)) => panic!("exec {cmd:?} via {url}: {e}\n{}", self.diagnostics()),
             Err(_) => panic!(
-                "exec {cmd:?} via {url}: no end within {CALL_TIMEOUT:?}\n{}",
+                "exec {cmd:?} via {url}: no end within {:?}\n{}",
+                call_timeout(),
                 self.diagnostics()
             ),
         }
@@ -734,7 +738,7 @@ impl Cri {
         let mut c = self.client.clone();
         self.call(
             "ContainerStats",
-            CALL_TIMEOUT,
+            call_timeout(),
             c.container_stats(ContainerStatsRequest {
                 container_id: id.to_string(),
             }),
@@ -747,7 +751,7 @@ impl Cri {
         let mut c = self.client.clone();
         self.call(
             "ContainerStatus",
-            CALL_TIMEOUT,
+            call_timeout(),
             c.container_status(ContainerStatusRequest {
                 container_id: id.to_string(),
                 verbose: false,
@@ -779,7 +783,7 @@ impl Cri {
         let mut c = self.client.clone();
         self.call(
             "UpdateContainerResources",
-            CALL_TIMEOUT,
+            call_timeout(),
             c.update_container_resources(UpdateContainerResourcesRequest {
                 container_id: id.to_string(),
                 linux: Some(linux),
@@ -793,7 +797,7 @@ impl Cri {
         let mut c = self.client.clone();
         self.call(
             "StopContainer",
-            CALL_TIMEOUT,
+            call_timeout(),
             c.stop_container(StopContainerRequest {
                 container_id: id.to_string(),
                 timeout: grace_secs,
@@ -805,7 +809,7 @@ impl Cri {
         let mut c = self.client.clone();
         self.call(
             "RemoveContainer",
-            CALL_TIMEOUT,
+            call_timeout(),
             c.remove_container(RemoveContainerRequest {
                 container_id: id.to_string(),
             }),
@@ -816,7 +820,7 @@ impl Cri {
         let mut c = self.client.clone();
         self.call(
             "StopPodSandbox",
-            CALL_TIMEOUT,
+            call_timeout(),
             c.stop_pod_sandbox(StopPodSandboxRequest {
                 pod_sandbox_id: pod.id.clone(),
             }),
@@ -827,7 +831,7 @@ impl Cri {
         let mut c = self.client.clone();
         self.call(
             "RemovePodSandbox",
-            CALL_TIMEOUT,
+            call_timeout(),
             c.remove_pod_sandbox(RemovePodSandboxRequest {
                 pod_sandbox_id: pod.id.clone(),
             }),
@@ -838,7 +842,7 @@ impl Cri {
     pub fn pod_ids(&self) -> Vec<String> {
         let mut c = self.client.clone();
         self.try_call(
-            CALL_TIMEOUT,
+            call_timeout(),
             c.list_pod_sandbox(ListPodSandboxRequest { filter: None }),
         )
         .map(|r| r.items.into_iter().map(|p| p.id).collect())
@@ -849,7 +853,7 @@ impl Cri {
     pub fn container_ids(&self) -> Vec<String> {
         let mut c = self.client.clone();
         self.try_call(
-            CALL_TIMEOUT,
+            call_timeout(),
             c.list_containers(ListContainersRequest { filter: None }),
         )
         .map(|r| r.containers.into_iter().map(|c| c.id).collect())
@@ -1018,13 +1022,13 @@ impl Cri {
         for id in self.pod_ids() {
             let mut c = self.client.clone();
             let stop = self.try_call(
-                CALL_TIMEOUT,
+                call_timeout(),
                 c.stop_pod_sandbox(StopPodSandboxRequest {
                     pod_sandbox_id: id.clone(),
                 }),
             );
             let removed = self.try_call(
-                CALL_TIMEOUT,
+                call_timeout(),
                 c.remove_pod_sandbox(RemovePodSandboxRequest {
                     pod_sandbox_id: id.clone(),
                 }),

@@ -67,10 +67,48 @@ pub fn host_kernel_release() -> String {
         .unwrap_or_default()
 }
 
-/// How long a real-VM test waits for the agent. Booting takes ~30-60 s on
-/// nested KVM (100 ms on bare metal); the bound only keeps a broken guest
-/// from hanging the suite.
-pub const AGENT_TIMEOUT: Duration = Duration::from_secs(240);
+/// The agent timeouts husk uses on this host (configs/husk.toml: they
+/// follow the host kind when unset, as in the tests' configs).
+pub fn host_timeouts() -> husk_config::AgentTimeouts {
+    use husk_hypervisor::HostProfile;
+    husk_config::AgentConfig::default().timeouts(HostProfile::detect() == HostProfile::NestedPvm)
+}
+
+/// How long a test waits for something that includes a guest boot: longer
+/// than husk's own bounds, so that a failure shows husk's error (which says
+/// what the guest did) rather than the test's.
+pub fn boot_timeout() -> Duration {
+    let t = host_timeouts();
+    t.boot_max + t.request
+}
+
+/// How long a test waits for one operation in a running guest (a create,
+/// an exec): longer than husk's request timeout, for the same reason.
+pub fn op_timeout() -> Duration {
+    host_timeouts().request + Duration::from_secs(60)
+}
+
+/// Waits for the agent of `vm` (hybrid vsock at `uds`) within husk's own
+/// boot bounds, records the boot in the ledger, and returns the client.
+pub async fn wait_for_agent(
+    uds: &Path,
+    vm: &husk_hypervisor::Vm,
+) -> Result<husk_protocol::AgentServiceClient, String> {
+    let t = host_timeouts();
+    let limits = husk_vsock::BootLimits {
+        stall: t.boot_stall,
+        max: t.boot_max,
+    };
+    let (client, boot_time) = husk_vsock::wait_for_agent(uds, vm, limits)
+        .await
+        .map_err(|e| e.to_string())?;
+    husk_hypervisor::ledger::record_ready(boot_time);
+    eprintln!(
+        "agent answered {:.1} s after the VM started",
+        boot_time.as_secs_f64()
+    );
+    Ok(client)
+}
 
 /// Names of this process's threads that husk started (`husk-*`).
 pub fn husk_threads() -> Vec<String> {

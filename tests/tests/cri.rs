@@ -9,7 +9,7 @@
 //! `husk_*` test is husk's. Pod boots dominate the husk tests (~30-60 s per
 //! VM on nested KVM), so each test packs many checks into few pods.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use husk_tests::cri::*;
 use husk_tests::*;
@@ -80,13 +80,43 @@ fn host_boot_id() -> String {
         .to_string()
 }
 
-/// One pod, two long-running containers sharing volumes, then a container
-/// that exits and one that runs out of memory: every per-container CRI call.
-fn pod_lifecycle(handler: &str) {
+/// Two pods on one bridge, as kubelet drives them: `lifecycle` (default
+/// size) holds every per-container check and serves TCP to `client`, which
+/// declares pod-level resources (for husk they size its VM). Then both are
+/// removed and nothing may be left. Two pods, so two VMs for husk: checks
+/// that need no VM of their own share these.
+fn pods(handler: &str) {
     let mut clock = Clock::new(handler);
     let cri = Cri::start();
     clock.mark("containerd with CRI up, images imported");
+    let pod = cri.run_pod(&cri.pod_config("lifecycle"), handler);
+    clock.mark("RunPodSandbox (default size)");
+    let mut sized = cri.pod_config("client");
+    if let Some(linux) = sized.linux.as_mut() {
+        // Kubernetes' pod-level limits: 256 MiB, one CPU.
+        linux.resources = Some(resources(256 * MIB, 100_000, 100_000));
+    }
+    let client_pod = cri.run_pod(&sized, handler);
+    clock.mark("RunPodSandbox (with pod resources)");
 
+    pod_lifecycle(&cri, &pod, handler, &mut clock);
+    two_pods(&cri, &pod, &client_pod, handler, &mut clock);
+
+    for pod in [&pod, &client_pod] {
+        cri.stop_pod(pod);
+        let status = cri.pod_status(pod).status.unwrap();
+        assert_eq!(status.state, PodSandboxState::SandboxNotready as i32);
+        cri.remove_pod(pod);
+    }
+    clock.mark("pods removed");
+    cri.assert_clean(&[&pod, &client_pod], op_timeout());
+    clock.mark("nothing left behind");
+}
+
+/// In one pod: two long-running containers sharing volumes, then a
+/// container that exits and one that runs out of memory: every
+/// per-container CRI call.
+fn pod_lifecycle(cri: &Cri, pod: &Pod, handler: &str, clock: &mut Clock) {
     // Volumes as kubelet prepares them: an emptyDir-like read-write dir, a
     // read-only hostPath, a configMap/secret-style single file.
     let volumes = cri.dir.path().join("volumes");
@@ -100,9 +130,7 @@ fn pod_lifecycle(handler: &str) {
     std::fs::write(ro.join("file"), "read-only data\n").unwrap();
     std::fs::write(&config_file, "key=value\n").unwrap();
 
-    let pod = cri.run_pod(&cri.pod_config("lifecycle"), handler);
-    clock.mark("RunPodSandbox");
-    let status = cri.pod_status(&pod).status.unwrap();
+    let status = cri.pod_status(pod).status.unwrap();
     assert_eq!(status.state, PodSandboxState::SandboxReady as i32);
     let ip = status.network.map(|n| n.ip).unwrap_or_default();
     assert!(
@@ -116,11 +144,11 @@ fn pod_lifecycle(handler: &str) {
         mount(&ro, "/ro", true),
         mount(&config_file, "/etc/config/app.conf", true),
     ];
-    let c1 = cri.run_container(&pod, &c1_config);
+    let c1 = cri.run_container(pod, &c1_config);
     clock.mark("first container created and started");
     let mut c2_config = cri.container_config("c2", &["sleep", "2147483647"]);
     c2_config.mounts = vec![mount(&shared, "/data", false)];
-    let c2 = cri.run_container(&pod, &c2_config);
+    let c2 = cri.run_container(pod, &c2_config);
     clock.mark("second container created and started");
 
     // Both containers run on the same kernel: for husk the pod's VM (its own
@@ -260,12 +288,12 @@ fn pod_lifecycle(handler: &str) {
     // A container that exits: its code in ContainerStatus, its output in
     // the CRI log.
     let c3 = cri.run_container(
-        &pod,
+        pod,
         &cri.container_config("c3", &["sh", "-c", "echo bye; exit 7"]),
     );
-    let status = cri.wait_exited(&c3, Duration::from_secs(180));
+    let status = cri.wait_exited(&c3, op_timeout());
     assert_eq!(status.exit_code, 7, "{status:?}");
-    let log = cri.container_log(&pod, "c3");
+    let log = cri.container_log(pod, "c3");
     assert!(log.contains(" stdout F bye"), "c3's log: {log:?}");
     clock.mark("a container that exits 7");
 
@@ -274,8 +302,8 @@ fn pod_lifecycle(handler: &str) {
     if let Some(linux) = oom_config.linux.as_mut() {
         linux.resources = Some(resources(16 * MIB, 0, 0));
     }
-    let oom = cri.run_container(&pod, &oom_config);
-    let status = cri.wait_exited(&oom, Duration::from_secs(300));
+    let oom = cri.run_container(pod, &oom_config);
+    let status = cri.wait_exited(&oom, op_timeout());
     clock.mark("a container OOMKilled");
     assert_eq!(
         status.reason,
@@ -315,33 +343,14 @@ fn pod_lifecycle(handler: &str) {
         cri.try_exec_sync(&c1, &["true"]).is_err(),
         "exec in a removed container"
     );
-    cri.stop_pod(&pod);
-    let status = cri.pod_status(&pod).status.unwrap();
-    assert_eq!(status.state, PodSandboxState::SandboxNotready as i32);
-    cri.remove_pod(&pod);
-    clock.mark("containers and pod removed");
-    cri.assert_clean(&[&pod], Duration::from_secs(60));
-    clock.mark("nothing left behind");
+    clock.mark("containers removed");
 }
 
-/// Two pods on one bridge talk TCP; the second pod declares pod-level
+/// Two pods on one bridge talk TCP; the client pod declares pod-level
 /// resources, which for husk size its VM.
-fn two_pods(handler: &str) {
-    let mut clock = Clock::new(handler);
-    let cri = Cri::start();
-    clock.mark("containerd with CRI up, images imported");
-    let server_pod = cri.run_pod(&cri.pod_config("server"), handler);
-    clock.mark("RunPodSandbox (default size)");
-    let mut sized = cri.pod_config("client");
-    if let Some(linux) = sized.linux.as_mut() {
-        // Kubernetes' pod-level limits: 256 MiB, one CPU.
-        linux.resources = Some(resources(256 * MIB, 100_000, 100_000));
-    }
-    let client_pod = cri.run_pod(&sized, handler);
-    clock.mark("RunPodSandbox (with pod resources)");
-
+fn two_pods(cri: &Cri, server_pod: &Pod, client_pod: &Pod, handler: &str, clock: &mut Clock) {
     // containerd hands the pod's resources to the runtime as annotations.
-    let annotations = cri.pod_spec_annotations(&client_pod);
+    let annotations = cri.pod_spec_annotations(client_pod);
     for (key, value) in [
         ("io.kubernetes.cri.sandbox-memory", "268435456"),
         ("io.kubernetes.cri.sandbox-cpu-quota", "100000"),
@@ -354,8 +363,8 @@ fn two_pods(handler: &str) {
         );
     }
 
-    let server_ip = cri.pod_ip(&server_pod);
-    let client_ip = cri.pod_ip(&client_pod);
+    let server_ip = cri.pod_ip(server_pod);
+    let client_ip = cri.pod_ip(client_pod);
     for ip in [&server_ip, &client_ip] {
         assert!(ip.starts_with(POD_SUBNET_PREFIX), "pod IP {ip:?}");
     }
@@ -363,14 +372,14 @@ fn two_pods(handler: &str) {
 
     // The server answers one connection and logs what it received.
     let server = cri.run_container(
-        &server_pod,
+        server_pod,
         &cri.container_config(
             "server",
             &["sh", "-c", "echo hello-from-server | nc -l -p 8080"],
         ),
     );
     let client = cri.run_container(
-        &client_pod,
+        client_pod,
         &cri.container_config("client", &["sleep", "2147483647"]),
     );
     clock.mark("a container in each pod");
@@ -424,13 +433,13 @@ fn two_pods(handler: &str) {
         (0, "hello-from-server\n"),
         "client -> {server_ip}:8080, stderr: {}\nserver pod links: {:?}, client pod links: {:?}\n{}",
         String::from_utf8_lossy(&r.stderr),
-        cri.pod_links(&server_pod),
-        cri.pod_links(&client_pod),
+        cri.pod_links(server_pod),
+        cri.pod_links(client_pod),
         cri.diagnostics()
     );
-    let status = cri.wait_exited(&server, Duration::from_secs(120));
+    let status = cri.wait_exited(&server, op_timeout());
     assert_eq!(status.exit_code, 0, "{status:?}");
-    let log = cri.container_log(&server_pod, "server");
+    let log = cri.container_log(server_pod, "server");
     assert!(
         log.contains(" stdout F hello-from-client"),
         "server log: {log:?}"
@@ -438,41 +447,25 @@ fn two_pods(handler: &str) {
     clock.mark("TCP between the pods");
 
     cri.stop_container(&client, 1);
-    for (id, pod) in [(&server, &server_pod), (&client, &client_pod)] {
+    for id in [&server, &client] {
         cri.remove_container(id);
-        cri.stop_pod(pod);
-        cri.remove_pod(pod);
     }
-    clock.mark("containers and pods removed");
-    cri.assert_clean(&[&server_pod, &client_pod], Duration::from_secs(60));
-    clock.mark("nothing left behind");
+    clock.mark("containers removed");
 }
 
-/// Harness self-check: the lifecycle scenario with runc.
+/// Harness self-check: the scenario with runc.
 #[test]
-fn runc_pod_lifecycle() {
-    pod_lifecycle(RUNC_HANDLER);
+fn runc_pods() {
+    pods(RUNC_HANDLER);
 }
 
-/// Harness self-check: the two-pod scenario with runc.
+/// Two husk VMs: in one, two containers sharing volumes, exec (sync and
+/// streamed), stats, update, an exiting and an OOMKilled container, stop;
+/// the two pods talk TCP across the bridge; the pod with resources gets a
+/// bigger VM; removal, and nothing left behind.
 #[test]
-fn runc_two_pods_tcp() {
-    two_pods(RUNC_HANDLER);
-}
-
-/// One husk VM, two containers in it sharing volumes, exec (sync and
-/// streamed), stats, update, an exiting and an OOMKilled container, stop,
-/// removal, and nothing left behind.
-#[test]
-fn husk_pod_lifecycle() {
-    pod_lifecycle(HUSK_HANDLER);
-}
-
-/// Two husk VMs on one bridge talk TCP; a pod with resources gets a bigger
-/// VM; nothing left behind.
-#[test]
-fn husk_two_pods_tcp_and_vm_sizing() {
-    two_pods(HUSK_HANDLER);
+fn husk_pods() {
+    pods(HUSK_HANDLER);
 }
 
 /// An exec that read `volume` (printing `expected`) and then tried to write

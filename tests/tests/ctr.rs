@@ -2,7 +2,8 @@
 //! task is a real microVM. Run one at a time (`make test-vm`).
 //!
 //! Each test starts its own containerd and imports a locally built busybox
-//! image; VM boots dominate the time (~30-60 s each on nested KVM).
+//! image. VM boots dominate the time (30-300 s each on nested KVM hosts), so
+//! the suite boots four: checks that need no VM of their own share one.
 
 use std::io::{Read, Write};
 use std::process::Stdio;
@@ -19,7 +20,7 @@ fn ctrd() -> Containerd {
 
 fn assert_clean(c: &Containerd) {
     // The shim exits after Shutdown; give it a moment.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let deadline = std::time::Instant::now() + op_timeout();
     while !c.shim_processes().is_empty() && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -46,29 +47,52 @@ fn run_args<'a>(extra: &[&'a str], id: &'a str, cmd: &[&'a str]) -> Vec<&'a str>
     args
 }
 
-/// Output, exit code, a container that exits at once, the guest kernel, and
-/// logs reaching containerd.
+/// Bytes the one-shot task writes after its text lines (4 MiB: on nested
+/// hosts every byte is copied by emulated guest kernel code several times;
+/// the shim's side of a 100 MiB stream is tested in shim/src/io.rs).
+const LARGE_OUTPUT: usize = 4 << 20;
+
+/// A one-shot `ctr run`: stdout and stderr, stdin reaching the container,
+/// large output byte-exact through the guest's pipe, the agent, vsock, the
+/// shim and containerd's FIFO, the exit code, the guest kernel, and the
+/// logs of the shim and the agent in containerd's log.
 #[test]
-fn output_exit_code_and_guest_kernel() {
+fn one_shot_run_output_stdin_and_exit_code() {
+    use sha2::{Digest, Sha256};
     let c = ctrd();
-    let out = c.ctr(&run_args(
-        &[],
-        "out",
-        &[
-            "sh",
-            "-c",
-            "uname -r; echo to-stdout; echo to-stderr >&2; exit 3",
-        ],
-    ));
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    // `seq` gives a position-revealing pattern rather than zeros.
+    let script = format!(
+        "uname -r; echo to-stdout; echo to-stderr >&2; tr a-z A-Z; \
+         seq 1 2000000 | head -c {LARGE_OUTPUT}; exit 3"
+    );
+    let mut child = c
+        .ctr_command(&run_args(&[], "oneshot", &["sh", "-c", &script]))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // ctr 1.6 always attaches stdin to an attached `ctr run` (it has no -i).
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"hello from the host\n").unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(
         out.status.code(),
         Some(3),
-        "stdout: {stdout}\nstderr: {stderr}\n{}",
+        "stderr: {stderr}\n{}",
         c.diagnostics()
     );
-    let mut lines = stdout.lines();
+    let text_len = out
+        .stdout
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| **b == b'\n')
+        .nth(2)
+        .map_or(0, |(i, _)| i + 1);
+    let text = String::from_utf8_lossy(&out.stdout[..text_len]);
+    let mut lines = text.lines();
     assert_eq!(
         lines.next(),
         Some(guest_kernel_release().as_str()),
@@ -76,7 +100,29 @@ fn output_exit_code_and_guest_kernel() {
     );
     assert_ne!(guest_kernel_release(), host_kernel_release());
     assert_eq!(lines.next(), Some("to-stdout"));
+    assert_eq!(
+        lines.next(),
+        Some("HELLO FROM THE HOST"),
+        "stdin reached tr"
+    );
     assert!(stderr.contains("to-stderr"), "{stderr}");
+
+    let large = &out.stdout[text_len..];
+    let mut expected = Vec::with_capacity(LARGE_OUTPUT + 16);
+    for i in 1.. {
+        expected.extend_from_slice(format!("{i}\n").as_bytes());
+        if expected.len() >= LARGE_OUTPUT {
+            break;
+        }
+    }
+    expected.truncate(LARGE_OUTPUT);
+    assert_eq!(large.len(), LARGE_OUTPUT, "bytes received");
+    assert_eq!(
+        Sha256::digest(large),
+        Sha256::digest(&expected),
+        "content differs"
+    );
+
     // The shim's own logs and the agent's reach containerd's log.
     let log = c.log();
     assert!(log.contains("husk shim serving"), "shim log missing");
@@ -85,78 +131,8 @@ fn output_exit_code_and_guest_kernel() {
     assert_clean(&c);
 }
 
-/// ctr 1.6 always attaches stdin to an attached `ctr run` (it has no `-i`).
-#[test]
-fn stdin_reaches_the_container() {
-    let c = ctrd();
-    let mut child = c
-        .ctr_command(&run_args(
-            &[],
-            "stdin",
-            &["sh", "-c", "tr a-z A-Z; echo done"],
-        ))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(b"hello from the host\n").unwrap();
-    drop(stdin);
-    let out = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        c.diagnostics()
-    );
-    assert_eq!(stdout, "HELLO FROM THE HOST\ndone\n");
-    assert_clean(&c);
-}
-
-#[test]
-fn terminal_gets_a_tty() {
-    let c = ctrd();
-    let pty = nix::pty::openpty(None, None).unwrap();
-    let slave = std::fs::File::from(pty.slave);
-    let mut child = c
-        .ctr_command(&run_args(
-            &["-t"],
-            "tty",
-            &["sh", "-c", "tty; [ -t 0 ] && echo stdin-is-a-tty"],
-        ))
-        .stdin(slave.try_clone().unwrap())
-        .stdout(slave.try_clone().unwrap())
-        .stderr(slave)
-        .spawn()
-        .unwrap();
-    let status = child.wait().unwrap();
-    let mut master = std::fs::File::from(pty.master);
-    let mut output = Vec::new();
-    // Everything the container wrote is buffered in the pty; read what's there.
-    nix::fcntl::fcntl(
-        &master,
-        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
-    )
-    .unwrap();
-    let mut buf = [0u8; 4096];
-    while let Ok(n) = master.read(&mut buf) {
-        if n == 0 {
-            break;
-        }
-        output.extend_from_slice(&buf[..n]);
-    }
-    let text = String::from_utf8_lossy(&output);
-    assert!(status.success(), "{text}\n{}", c.diagnostics());
-    assert!(
-        text.contains("/dev/pts/"),
-        "tty inside the container: {text}"
-    );
-    assert!(text.contains("stdin-is-a-tty"), "{text}");
-    assert_clean(&c);
-}
-
+/// A create that fails in the guest (the command does not exist) is a
+/// clear error naming the command, and tears its VM down: nothing is left.
 #[test]
 fn missing_command_is_a_clear_error() {
     let c = ctrd();
@@ -173,41 +149,51 @@ fn missing_command_is_a_clear_error() {
     assert_clean(&c);
 }
 
-/// Two long-running containers (two VMs) at once: exec, pause/resume,
-/// metrics, ps, signals. Each runs attached (`ctr run --rm` in the
-/// background), so ctr's exit status is the task's.
-#[test]
-fn exec_pause_metrics_and_signals_on_two_containers() {
-    let c = ctrd();
-    let script = "trap 'exit 42' TERM; while true; do sleep 1; done";
-    let mut runs: Vec<_> = ["long1", "long2"]
-        .iter()
-        .map(|id| {
-            c.ctr_command(&run_args(&[], id, &["sh", "-c", script]))
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    let deadline = std::time::Instant::now() + Duration::from_secs(600);
-    loop {
-        let tasks = c.ctr_ok(&["tasks", "ls"]);
-        if tasks.matches("RUNNING").count() == 2 {
-            break;
-        }
-        for run in &mut runs {
-            if let Ok(Some(status)) = run.try_wait() {
-                panic!("a container ended early ({status}):\n{}", c.diagnostics());
-            }
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "tasks did not start: {tasks}\n{}",
-            c.diagnostics()
-        );
-        std::thread::sleep(Duration::from_millis(500));
+/// Reads what is buffered on a pty master without blocking.
+fn drain_pty(master: &mut std::fs::File) -> String {
+    nix::fcntl::fcntl(
+        &*master,
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    )
+    .unwrap();
+    let mut output = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n @ 1..) = master.read(&mut buf) {
+        output.extend_from_slice(&buf[..n]);
     }
+    String::from_utf8_lossy(&output).into_owned()
+}
+
+/// Two long-running tasks (two VMs) at once. `long1` runs on a terminal
+/// (`ctr run -t`) and gets execs (output, exit codes, a missing binary, a
+/// SIGKILLed exec), pause/resume, metrics, ps and a SIGTERM its trap turns
+/// into exit 42. `long2`'s shim is killed with SIGKILL, taking its VM with
+/// it; containerd then runs `containerd-shim-husk-v2 delete`, which must
+/// remove the mounts and the sandbox directory from the state the shim
+/// persisted.
+#[test]
+fn long_running_tasks_tty_exec_pause_metrics_signals_and_a_crashed_shim() {
+    let c = ctrd();
+    let pty = nix::pty::openpty(None, None).unwrap();
+    let slave = std::fs::File::from(pty.slave);
+    let mut master = std::fs::File::from(pty.master);
+    let script = "tty; [ -t 0 ] && echo stdin-is-a-tty; trap 'exit 42' TERM; \
+                  while true; do sleep 1; done";
+    let long1 = c
+        .ctr_command(&run_args(&["-t"], "long1", &["sh", "-c", script]))
+        .stdin(slave.try_clone().unwrap())
+        .stdout(slave.try_clone().unwrap())
+        .stderr(slave)
+        .spawn()
+        .unwrap();
+    let long2 = c
+        .ctr_command(&run_args(&[], "long2", &["sleep", "3600"]))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_running(&c, "long1", boot_timeout());
+    wait_running(&c, "long2", boot_timeout());
 
     let exec = c.ctr_ok(&[
         "tasks",
@@ -231,6 +217,39 @@ fn exec_pause_metrics_and_signals_on_two_containers() {
         "exit 7",
     ]);
     assert_eq!(exec_status.status.code(), Some(7));
+    let missing = c.ctr(&[
+        "tasks",
+        "exec",
+        "--exec-id",
+        "e3",
+        "long1",
+        "/no/such/binary",
+    ]);
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(!missing.status.success());
+    assert!(
+        stderr.contains("/no/such/binary"),
+        "an exec of a missing binary names it: {stderr}"
+    );
+    // An exec killed with SIGKILL exits 128 + 9.
+    let sleeper = c
+        .ctr_command(&["tasks", "exec", "--exec-id", "e4", "long1", "sleep", "3600"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + op_timeout();
+    while !c.ctr_ok(&["tasks", "ps", "long1"]).contains("sleep") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "exec e4 did not start\n{}",
+            c.diagnostics()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    c.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", "--exec-id", "e4", "long1"]);
+    let killed = sleeper.wait_with_output().unwrap();
+    assert_eq!(killed.status.code(), Some(137), "{}", c.diagnostics());
 
     c.ctr_ok(&["tasks", "pause", "long1"]);
     assert!(c
@@ -254,14 +273,49 @@ fn exec_pause_metrics_and_signals_on_two_containers() {
     let ps = c.ctr_ok(&["tasks", "ps", "long1"]);
     assert!(ps.lines().count() >= 2, "{ps}");
 
-    // SIGTERM runs the trap: exit 42. SIGKILL: 128 + 9.
+    // SIGTERM runs the trap: exit 42, through the terminal's ctr.
     c.ctr_ok(&["tasks", "kill", "-s", "SIGTERM", "long1"]);
-    c.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", "long2"]);
-    let codes: Vec<_> = runs
-        .into_iter()
-        .map(|run| run.wait_with_output().unwrap().status.code())
-        .collect();
-    assert_eq!(codes, [Some(42), Some(137)], "{}", c.diagnostics());
+    let mut long1 = long1;
+    let status = long1.wait().unwrap();
+    let text = drain_pty(&mut master);
+    assert_eq!(status.code(), Some(42), "{text}\n{}", c.diagnostics());
+    assert!(
+        text.contains("/dev/pts/"),
+        "tty inside the container: {text}"
+    );
+    assert!(text.contains("stdin-is-a-tty"), "{text}");
+
+    // long2: its shim dies with SIGKILL.
+    assert!(
+        !c.husk_mounts().is_empty(),
+        "the running container has its rootfs mounted"
+    );
+    let pid = shim_pid("containerd-shim-husk-v2", "long2").expect("shim process");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    // ctr's own Wait breaks with the connection; containerd notices the dead
+    // shim, runs `shim delete` and marks the task stopped.
+    let out = long2.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let deadline = std::time::Instant::now() + op_timeout();
+    while c
+        .ctr_ok(&["tasks", "ls"])
+        .lines()
+        .any(|l| l.starts_with("long2") && l.contains("RUNNING"))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "task still running after its shim died\n{}",
+            c.diagnostics()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // `ctr run --rm` may already have removed it.
+    let _ = c.ctr(&["tasks", "rm", "-f", "long2"]);
+    let _ = c.ctr(&["containers", "rm", "long2"]);
     assert_clean(&c);
 }
 
@@ -283,52 +337,6 @@ fn wait_running(c: &Containerd, id: &str, timeout: Duration) {
         );
         std::thread::sleep(Duration::from_millis(300));
     }
-}
-
-/// A shim killed with SIGKILL takes its VM with it; containerd then runs
-/// `containerd-shim-husk-v2 delete`, which must remove the mounts and the
-/// sandbox directory from the state the shim persisted.
-#[test]
-fn delete_after_a_crashed_shim_cleans_up() {
-    let c = ctrd();
-    let run = c
-        .ctr_command(&run_args(&[], "crash", &["sleep", "3600"]))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_running(&c, "crash", Duration::from_secs(600));
-    assert!(
-        !c.husk_mounts().is_empty(),
-        "the running container has its rootfs mounted"
-    );
-    let pid = shim_pid("containerd-shim-husk-v2", "crash").expect("shim process");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    // ctr's own Wait breaks with the connection; containerd notices the dead
-    // shim, runs `shim delete` and marks the task stopped.
-    let out = run.wait_with_output().unwrap();
-    assert!(!out.status.success());
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while c
-        .ctr_ok(&["tasks", "ls"])
-        .lines()
-        .any(|l| l.starts_with("crash") && l.contains("RUNNING"))
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "task still running after its shim died\n{}",
-            c.diagnostics()
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
-    // `ctr run --rm` may already have removed them.
-    let _ = c.ctr(&["tasks", "rm", "-f", "crash"]);
-    let _ = c.ctr(&["containers", "rm", "crash"]);
-    assert_clean(&c);
 }
 
 /// Bad configuration and options fail at create with an error naming the
@@ -379,8 +387,11 @@ fn missing_kernel_and_unknown_runtime_options_are_clear_errors() {
 }
 
 /// `husk check` passes on this machine with containerd and the shim on PATH.
+/// `husk check --boot` passes on this machine with containerd and the shim
+/// on PATH: it says what kind of host this is and how fast guest kernel code
+/// runs, boots a guest and reports the clocks its kernel chose.
 #[test]
-fn husk_check_passes() {
+fn husk_check_passes_and_boots_a_guest() {
     let c = Containerd::start("");
     let husk = shim_dir().join("husk");
     let path = format!(
@@ -389,7 +400,7 @@ fn husk_check_passes() {
         std::env::var("PATH").unwrap_or_default()
     );
     let out = std::process::Command::new(&husk)
-        .arg("check")
+        .args(["check", "--boot"])
         .env("PATH", path)
         .env("HUSK_CONFIG", c.dir.path().join("husk.toml"))
         .output()
@@ -404,6 +415,8 @@ fn husk_check_passes() {
         "guest initramfs",
         "shim on PATH",
         "containerd",
+        "guest boot",
+        "guest clocks",
     ] {
         assert!(
             stdout
@@ -412,35 +425,17 @@ fn husk_check_passes() {
             "no PASS for {what}:\n{stdout}"
         );
     }
-    assert!(stdout.contains("host profile"), "{stdout}");
-}
-
-/// Large output arrives byte-exact through the whole path: the guest's
-/// pipe, the agent, vsock, the shim and containerd's FIFO. (4 MiB: on nested
-/// hosts every byte is copied by emulated guest kernel code several times;
-/// the shim's side of a 100 MiB stream is tested in shim/src/io.rs.)
-#[test]
-fn large_output_arrives_byte_exact() {
-    use sha2::{Digest, Sha256};
-    const SIZE: usize = 4 << 20;
-    let c = ctrd();
-    // A position-revealing pattern rather than zeros.
-    let script = format!("seq 1 2000000 | head -c {SIZE}");
-    let out = c.ctr(&run_args(&[], "big", &["sh", "-c", &script]));
-    assert!(out.status.success(), "{}", c.diagnostics());
-    let mut expected = Vec::with_capacity(SIZE + 16);
-    for i in 1.. {
-        expected.extend_from_slice(format!("{i}\n").as_bytes());
-        if expected.len() >= SIZE {
-            break;
-        }
+    for what in ["host profile", "guest kernel speed", "agent timeouts"] {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.starts_with("INFO") && l.contains(what)),
+            "no INFO for {what}:\n{stdout}"
+        );
     }
-    expected.truncate(SIZE);
-    assert_eq!(out.stdout.len(), SIZE, "bytes received");
-    assert_eq!(
-        Sha256::digest(&out.stdout),
-        Sha256::digest(&expected),
-        "content differs"
+    assert!(
+        stdout.contains("clockevent lapic-deadline"),
+        "the guest's tick comes from the LAPIC in TSC-deadline mode:\n{stdout}"
     );
-    assert_clean(&c);
+    assert!(stdout.contains(&guest_kernel_release()), "{stdout}");
 }

@@ -1,11 +1,13 @@
 //! Real microVMs: boot the guest with husk's VMM, talk to the agent over
-//! hybrid vsock, shut down, and check that nothing is left behind.
-//! Run one at a time (`make test-vm` passes --test-threads=1).
+//! hybrid vsock, stop it from the host, and check that nothing is left
+//! behind; the husk-vmm binary end to end. (A guest-initiated poweroff with
+//! the same checks ends tests/tests/agent_vm.rs.) Run one at a time
+//! (`make test-vm` passes --test-threads=1).
 
 use std::time::Duration;
 
 use husk_hypervisor::{ConsoleOutput, ExitReason, Vm, VmConfig, VsockConfig};
-use husk_protocol::agent::{CheckRequest, ShutdownRequest};
+use husk_protocol::agent::CheckRequest;
 use husk_tests::*;
 
 fn vm_config(dir: &std::path::Path) -> VmConfig {
@@ -21,7 +23,7 @@ fn vm_config(dir: &std::path::Path) -> VmConfig {
 }
 
 fn rpc_context() -> ttrpc::context::Context {
-    ttrpc::context::with_timeout(Duration::from_secs(30).as_nanos() as i64)
+    ttrpc::context::with_timeout(op_timeout().as_nanos() as i64)
 }
 
 fn console(dir: &std::path::Path) -> String {
@@ -39,66 +41,6 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 #[test]
-fn agent_reports_guest_kernel_and_guest_powers_off() {
-    let dir = tempfile::tempdir().unwrap();
-    let runtime = runtime();
-    let fds_before = open_fds();
-    let uds = dir.path().join("vsock");
-    let guest_log = husk_vsock::GuestLogReceiver::bind(&uds).unwrap();
-
-    let mut vm = Vm::start(&vm_config(dir.path())).unwrap();
-    let health = runtime
-        .block_on(async {
-            let client = husk_vsock::agent_client(&uds, AGENT_TIMEOUT)
-                .await
-                .map_err(|e| e.to_string())?;
-            let health = client
-                .check(rpc_context(), &CheckRequest::new())
-                .await
-                .map_err(|e| format!("RPC: {e}"))?;
-            client
-                .shutdown(rpc_context(), &ShutdownRequest::new())
-                .await
-                .map_err(|e| format!("RPC: {e}"))?;
-            Ok::<_, String>(health)
-        })
-        .unwrap_or_else(|e| {
-            panic!(
-                "agent did not answer: {e}\nconsole:\n{}",
-                console(dir.path())
-            )
-        });
-
-    assert_eq!(health.kernel_release, guest_kernel_release());
-    assert_ne!(health.kernel_release, host_kernel_release());
-    assert_eq!(health.agent_version, env!("CARGO_PKG_VERSION"));
-
-    let reason = vm.wait_timeout(Some(Duration::from_secs(120)));
-    assert_eq!(
-        reason,
-        Some(ExitReason::PowerOff),
-        "console:\n{}",
-        console(dir.path())
-    );
-    drop(vm);
-    drop(guest_log);
-
-    assert_eq!(
-        husk_threads(),
-        Vec::<String>::new(),
-        "husk threads left running"
-    );
-    assert_fds_settle(&fds_before, &runtime, Duration::from_secs(5));
-    let left: Vec<_> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n != "console.log")
-        .collect();
-    assert!(left.is_empty(), "sockets left behind: {left:?}");
-}
-
-#[test]
 fn host_stop_tears_down_a_running_vm_with_open_connections() {
     let dir = tempfile::tempdir().unwrap();
     let runtime = runtime();
@@ -109,9 +51,7 @@ fn host_stop_tears_down_a_running_vm_with_open_connections() {
     // Keep a live connection to the agent open while the host stops the VM.
     let client = runtime
         .block_on(async {
-            let client = husk_vsock::agent_client(&uds, AGENT_TIMEOUT)
-                .await
-                .map_err(|e| e.to_string())?;
+            let client = wait_for_agent(&uds, &vm).await?;
             client
                 .check(rpc_context(), &CheckRequest::new())
                 .await
@@ -157,6 +97,8 @@ fn husk_vmm_binary_runs_the_agent_check_and_exits_cleanly() {
         .arg("--report")
         .arg(dir.path().join("report.json"))
         .arg("--agent-check")
+        .arg("--agent-timeout")
+        .arg(boot_timeout().as_secs().to_string())
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);

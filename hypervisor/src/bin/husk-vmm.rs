@@ -55,9 +55,15 @@ struct Args {
     /// Wait for the agent, print its health answer, then shut the VM down.
     #[arg(long, requires = "vsock_uds")]
     agent_check: bool,
-    /// How long --agent-check waits for the agent, in seconds.
-    #[arg(long, default_value_t = 300)]
-    agent_timeout: u64,
+    /// The most --agent-check waits for the agent, in seconds; it gives up
+    /// sooner when the guest shows no progress for as long as husk's shim
+    /// would. Default: the shim's boot cap for this host kind.
+    #[arg(long)]
+    agent_timeout: Option<u64>,
+    /// With --agent-check: before the Shutdown, leave the guest idle this
+    /// many seconds and report the host CPU the idle VM used meanwhile.
+    #[arg(long, default_value_t = 0)]
+    idle_secs: u64,
     /// Write a JSON report of the VMM's own costs here on exit.
     #[arg(long)]
     report: Option<PathBuf>,
@@ -78,6 +84,8 @@ struct Report {
     kernel_release: Option<String>,
     rss_at_ready: Option<u64>,
     cpu_at_ready: Option<Duration>,
+    /// Host CPU of the whole process per second of an idle guest, percent.
+    idle_cpu_percent: Option<f64>,
 }
 
 fn main() -> ExitCode {
@@ -140,7 +148,14 @@ fn run(args: &Args, process_start: Instant) -> Result<ExitReason, String> {
     let mut report = Report::default();
     let reason = if args.agent_check {
         let uds = args.vsock_uds.clone().unwrap_or_default();
-        let result = agent_check(&uds, Duration::from_secs(args.agent_timeout), &mut report);
+        let mut timeouts = husk_config::AgentConfig::default()
+            .timeouts(vm.host_profile() == husk_hypervisor::HostProfile::NestedPvm);
+        if let Some(secs) = args.agent_timeout {
+            timeouts.boot_max = Duration::from_secs(secs);
+            timeouts.boot_stall = timeouts.boot_stall.min(timeouts.boot_max);
+        }
+        let idle = Duration::from_secs(args.idle_secs);
+        let result = agent_check(&uds, &vm, &timeouts, idle, &mut report);
         report.rss_at_ready = metrics::rss_excluding(&vm.guest_memory_host_ranges()).ok();
         report.cpu_at_ready = Some(vmm_cpu(&vm));
         match result {
@@ -175,30 +190,35 @@ fn vmm_cpu(vm: &Vm) -> Duration {
 /// Connects to the agent, prints its health answer and asks it to power off.
 fn agent_check(
     uds: &std::path::Path,
-    timeout: Duration,
+    vm: &Vm,
+    timeouts: &husk_config::AgentTimeouts,
+    idle: Duration,
     report: &mut Report,
 ) -> Result<(), String> {
-    let started = Instant::now();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start async runtime: {e}"))?;
     runtime.block_on(async {
-        let client = husk_vsock::agent_client(uds, timeout)
+        let limits = husk_vsock::BootLimits {
+            stall: timeouts.boot_stall,
+            max: timeouts.boot_max,
+        };
+        let (client, boot_time) = husk_vsock::wait_for_agent(uds, vm, limits)
             .await
             .map_err(|e| e.to_string())?;
-        let rpc_timeout = ttrpc::context::with_timeout(Duration::from_secs(30).as_nanos() as i64);
+        let rpc_timeout = ttrpc::context::with_timeout(timeouts.request.as_nanos() as i64);
         let health = client
             .check(rpc_timeout.clone(), &CheckRequest::new())
             .await
             .map_err(|e| format!("Check RPC: {e}"))?;
         report.agent_ready_at = Some(Instant::now());
         report.kernel_release = Some(health.kernel_release.clone());
-        husk_hypervisor::ledger::record_ready(started.elapsed());
+        husk_hypervisor::ledger::record_ready(boot_time);
         println!(
             "agent ready after {:.1} s: guest kernel {}, husk-agent {}, clocksource {} (of {}), \
              clockevent {}, guest uptime {:.1} s",
-            started.elapsed().as_secs_f64(),
+            boot_time.as_secs_f64(),
             health.kernel_release,
             health.agent_version,
             health.clocksource,
@@ -206,6 +226,15 @@ fn agent_check(
             health.clockevent,
             health.uptime_secs,
         );
+        if !idle.is_zero() {
+            let before = metrics::process_cpu(std::process::id());
+            tokio::time::sleep(idle).await;
+            let after = metrics::process_cpu(std::process::id());
+            if let (Some(a), Some(b)) = (before, after) {
+                report.idle_cpu_percent =
+                    Some(b.saturating_sub(a).as_secs_f64() / idle.as_secs_f64() * 100.0);
+            }
+        }
         client
             .shutdown(rpc_timeout, &ShutdownRequest::new())
             .await
@@ -240,6 +269,7 @@ fn write_report(
         "vmm_rss_excluding_guest_bytes_at_ready": report.rss_at_ready,
         "vmm_cpu_ms_at_ready": report.cpu_at_ready.map(ms),
         "vmm_cpu_ms_total": ms(vmm_cpu(vm)),
+        "idle_guest_host_cpu_percent": report.idle_cpu_percent,
         "exits": stats.exits,
         "exit_handling_cpu_ms": ms(stats.exit_cpu),
     });
