@@ -9,6 +9,9 @@ INITRD := $(GUEST_DIR)/initrd.cpio
 HOST_TARGET := x86_64-unknown-linux-gnu
 # Built with the size-optimised `agent` profile (Cargo.toml says why).
 AGENT := target/$(HOST_TARGET)/agent/husk-agent
+# A static binary the real-VM tests run inside containers as a hostile
+# workload (tests/guest-probe), built like the agent.
+GUEST_PROBE := target/$(HOST_TARGET)/agent/husk-probe
 VMM := target/release/husk-vmm
 SHIM := target/release/containerd-shim-husk-v2
 PREFIX ?= /usr/local
@@ -24,6 +27,7 @@ export HUSK_KERNEL := $(abspath $(KERNEL))
 export HUSK_INITRD := $(abspath $(INITRD))
 export HUSK_VMM := $(abspath $(VMM))
 export HUSK_SHIM_DIR := $(abspath $(dir $(SHIM)))
+export HUSK_GUEST_PROBE := $(abspath $(GUEST_PROBE))
 
 .PHONY: setup build guest guest-test kernel agent initrd vmm shim demo install installer-image test test-unit test-vm lint fmt bench bench-boot bench-start fuzz clean
 
@@ -50,6 +54,7 @@ initrd: agent
 ## initramfs, for the container tests in tests/tests/agent_vm.rs (until
 ## virtio-fs brings container rootfses in). initrd.cpio itself stays lean.
 guest-test: kernel agent
+	$(AGENT_ENV) $(CARGO) build --profile agent --target $(HOST_TARGET) -p husk-guest-probe
 	rm -rf $(TEST_EXTRA)
 	scripts/busybox-rootfs.sh $(TEST_EXTRA)/testdata/busybox
 	scripts/build-initrd.sh $(AGENT) $(TEST_INITRD) $(TEST_EXTRA)

@@ -1,15 +1,16 @@
 //! The stdio stream listener: guest vsock port 1026 (or a Unix socket in
 //! host mode). Each connection starts with a header line naming a process
 //! and one of its streams (`husk_protocol::stdio`); the connection then
-//! carries that stream (see [`crate::stdio`]). Anything wrong with a
-//! connection closes it and is logged; the listener goes on.
+//! carries that stream (see [`crate::stdio`]). Only the host is served
+//! ([`crate::vsock_peer`]). Anything wrong with a connection closes it and
+//! is logged; the listener goes on.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use husk_protocol::stdio::{StreamHeader, MAX_HEADER_LEN};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
-use tokio_vsock::{VsockAddr, VsockListener};
+use tokio_vsock::VsockListener;
 
 use crate::container::Containers;
 use crate::stdio::IoStream;
@@ -38,23 +39,8 @@ fn bind(address: &str) -> anyhow::Result<Listener> {
             .map_err(|e| anyhow::anyhow!("bind {address}: {e}"))?;
         return Ok(Listener::Unix(listener, path.into()));
     }
-    let rest = address.strip_prefix("vsock://").ok_or_else(|| {
-        anyhow::anyhow!("stdio address {address:?}: expected vsock:// or unix://")
-    })?;
-    let (cid, port) = rest
-        .split_once(':')
-        .ok_or_else(|| anyhow::anyhow!("stdio address {address:?}: expected vsock://CID:PORT"))?;
-    let cid = match cid {
-        "-1" => tokio_vsock::VMADDR_CID_ANY,
-        n => n
-            .parse()
-            .map_err(|_| anyhow::anyhow!("stdio address {address:?}: bad CID"))?,
-    };
-    let port = port
-        .parse()
-        .map_err(|_| anyhow::anyhow!("stdio address {address:?}: bad port"))?;
-    let listener = VsockListener::bind(VsockAddr::new(cid, port))
-        .map_err(|e| anyhow::anyhow!("bind {address}: {e}"))?;
+    let addr = crate::vsock_peer::parse_address(address)?;
+    let listener = VsockListener::bind(addr).map_err(|e| anyhow::anyhow!("bind {address}: {e}"))?;
     Ok(Listener::Vsock(listener))
 }
 
@@ -68,7 +54,9 @@ pub fn serve(
     Ok(async move {
         loop {
             let accepted: std::io::Result<IoStream> = match &listener {
-                Listener::Vsock(l) => l.accept().await.map(|(s, _)| Box::new(s) as IoStream),
+                Listener::Vsock(l) => crate::vsock_peer::accept_from_host(l)
+                    .await
+                    .map(|s| Box::new(s) as IoStream),
                 Listener::Unix(l, _) => l.accept().await.map(|(s, _)| Box::new(s) as IoStream),
             };
             match accepted {

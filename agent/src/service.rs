@@ -288,10 +288,17 @@ pub async fn serve(
         containers,
         sandbox: Sandbox::new(layout.run.join("sandbox")),
     };
-    let mut server = Server::new()
-        .bind(&address)
-        .map_err(|e| anyhow::anyhow!("bind {address}: {e}"))?
-        .register_service(create_agent_service(Arc::new(agent)));
+    let server = if address.starts_with("vsock://") {
+        let addr = crate::vsock_peer::parse_address(&address)?;
+        let listener = tokio_vsock::VsockListener::bind(addr)
+            .map_err(|e| anyhow::anyhow!("bind {address}: {e}"))?;
+        Server::new().add_listener(crate::vsock_peer::host_only_ttrpc(listener))
+    } else {
+        Server::new()
+            .bind(&address)
+            .map_err(|e| anyhow::anyhow!("bind {address}: {e}"))?
+    };
+    let mut server = server.register_service(create_agent_service(Arc::new(agent)));
     server
         .start()
         .await

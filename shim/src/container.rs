@@ -198,18 +198,47 @@ impl Shim {
         }
 
         let sandbox = self.boot(&config, &pod).await?;
-        let dirs = ContainerDirs::new(&sandbox.shared_dir, id);
+        let created = self
+            .create_in_vm(&sandbox, req, &config, bundle, guest, stdio)
+            .await;
+        if created.is_err() && id == self.sandbox_id && self.container_count() == 0 {
+            // The task that booted the VM failed: nothing else runs in it,
+            // and a VM left running would burn a core until Shutdown.
+            tracing::warn!(sandbox = self.sandbox_id, "create failed: stopping the VM");
+            sandbox.shutdown().await;
+        }
+        created
+    }
+
+    /// Create's part inside the running VM: files shared, the container
+    /// created by the agent, its stdio attached.
+    async fn create_in_vm(
+        self: &Arc<Self>,
+        sandbox: &Arc<Sandbox>,
+        req: &CreateTaskRequest,
+        config: &Config,
+        bundle: PathBuf,
+        guest: spec::GuestSpec,
+        stdio: Stdio,
+    ) -> ttrpc::Result<u32> {
+        let id = req.id.as_str();
+        let dirs = ContainerDirs::new(sandbox.staging.path(), id);
         TaskState {
-            sandbox_dir: sandbox_dir(&config, &self.namespace, &self.sandbox_id),
+            sandbox_dir: sandbox_dir(config, &self.namespace, &self.sandbox_id),
             container_dir: dirs.root.clone(),
             owns_sandbox: id == self.sandbox_id,
+            cgroup_dirs: sandbox
+                .cgroup
+                .as_ref()
+                .map(|c| c.dirs.clone())
+                .unwrap_or_default(),
         }
         .save(&bundle)
         .map_err(|e| internal(format!("cannot write state into {}: {e}", bundle.display())))?;
 
         let prepared = async {
-            rootfs::mount_rootfs(id, &bundle, &req.rootfs, &dirs).await?;
-            rootfs::share_binds(&guest.binds, &dirs)
+            rootfs::mount_rootfs(id, &bundle, &req.rootfs, &sandbox.staging, &dirs).await?;
+            rootfs::share_binds(&guest.binds, &sandbox.staging, &dirs)
         };
         if let Err(e) = prepared.await {
             let _ = rootfs::remove_container(&dirs);
@@ -243,7 +272,7 @@ impl Shim {
         {
             Ok(attached) => init.set_io(attached).await,
             Err(e) => {
-                self.remove_in_guest(&sandbox, id).await;
+                self.remove_in_guest(sandbox, id).await;
                 let _ = rootfs::remove_container(&dirs);
                 return Err(internal(format!("task {id}: {e}")));
             }

@@ -3,6 +3,8 @@
 
 #[cfg(test)]
 mod alloc_probe;
+pub mod beneath;
+pub mod cgroup;
 pub mod container;
 pub mod errors;
 pub mod events;

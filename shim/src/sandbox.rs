@@ -2,9 +2,11 @@
 //! every container of the pod, stopped at Shutdown. The VMM runs inside this
 //! process (husk-hypervisor's threads); nothing else is spawned.
 //!
-//! Host layout under `<state_dir>/<namespace>/<sandbox id>/`:
-//! `shared/` (the virtio-fs share, guest `/run/husk/shared`), `vsock.sock`
-//! (hybrid vsock) and `vsock.sock_1025` (the agent's log stream).
+//! Host layout under `<state_dir>/<hash of namespace and sandbox id>/`:
+//! `staging/` (host-only: each container's rootfs and volumes),
+//! `shared/` (the virtio-fs share, guest `/run/husk/shared`: a read-only view
+//! of staging, see rootfs.rs), `vsock.sock` (hybrid vsock) and
+//! `vsock.sock_1025` (the agent's log stream).
 
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -24,6 +26,8 @@ use husk_protocol::agent::{
 use husk_protocol::AgentServiceClient;
 use tokio::io::unix::AsyncFd;
 
+use crate::beneath::Beneath;
+use crate::cgroup::HostCgroup;
 use crate::network::{self, PodNetwork};
 use crate::process::lock;
 use crate::spec::{PodInfo, GUEST_SHARED_DIR};
@@ -54,16 +58,23 @@ pub enum SandboxError {
     Rpc { rpc: &'static str, message: String },
     #[error("pod network: {0}")]
     Network(#[from] network::NetworkError),
+    #[error("cannot prepare the share: {0}")]
+    Share(String),
+    #[error("cannot put the VM in its host cgroup: {0}")]
+    Cgroup(#[from] crate::cgroup::CgroupError),
 }
 
 /// A running VM with its agent.
 pub struct Sandbox {
     pub id: String,
     pub dir: PathBuf,
-    pub shared_dir: PathBuf,
+    /// Where the shim builds containers' trees (host-only).
+    pub staging: Beneath,
     pub vsock_uds: PathBuf,
     pub agent: AgentServiceClient,
     pub request_timeout: Duration,
+    /// The host cgroup the VM runs in (the booting task's).
+    pub cgroup: Option<HostCgroup>,
     vm: Mutex<Option<Vm>>,
     exit_fd: OwnedFd,
     _guest_log: husk_vsock::GuestLogReceiver,
@@ -225,6 +236,7 @@ impl Sandbox {
         pod: &PodInfo,
     ) -> Result<Sandbox, SandboxError> {
         let dir = sandbox_dir(config, namespace, id);
+        let staging_dir = dir.join("staging");
         let shared_dir = dir.join("shared");
         let net = match &pod.netns {
             Some(netns) => Some(network::discover(netns).await?),
@@ -233,9 +245,37 @@ impl Sandbox {
         // Validate before creating anything on the host.
         let vm_config = vm_config(config, &dir, &shared_dir, pod, net.as_ref())?;
         create_private_dir(&dir)?;
-        create_private_dir(&shared_dir)?;
-        std::fs::write(dir.join("sandbox"), format!("{namespace}/{id}\n")).map_err(io_err(&dir))?;
-        let booted = Self::boot_in(config, id, dir.clone(), shared_dir, vm_config, pod, net).await;
+        let prepared = (|| {
+            create_private_dir(&staging_dir)?;
+            create_private_dir(&shared_dir)?;
+            std::fs::write(dir.join("sandbox"), format!("{namespace}/{id}\n"))
+                .map_err(io_err(&dir))?;
+            crate::rootfs::prepare_share(&staging_dir, &shared_dir)
+                .map_err(|e| SandboxError::Share(e.to_string()))?;
+            Beneath::open(&staging_dir).map_err(io_err(&staging_dir))
+        })();
+        let booted = async {
+            let staging = prepared?;
+            // Before the VM exists, so all of it (threads, guest RAM) is
+            // charged to the pod.
+            let cgroup = match &pod.cgroups_path {
+                Some(path) => Some(HostCgroup::join(path)?),
+                None => None,
+            };
+            match Self::boot_in(config, id, dir.clone(), staging, vm_config, pod, net).await {
+                Ok(mut sandbox) => {
+                    sandbox.cgroup = cgroup;
+                    Ok(sandbox)
+                }
+                Err(e) => {
+                    if let Some(cgroup) = cgroup {
+                        cgroup.leave_and_remove();
+                    }
+                    Err(e)
+                }
+            }
+        }
+        .await;
         if booted.is_err() {
             remove_sandbox_dir(&dir);
         }
@@ -246,7 +286,7 @@ impl Sandbox {
         config: &Config,
         id: &str,
         dir: PathBuf,
-        shared_dir: PathBuf,
+        staging: Beneath,
         vm_config: VmConfig,
         pod: &PodInfo,
         net: Option<PodNetwork>,
@@ -314,7 +354,8 @@ impl Sandbox {
         let sandbox = Sandbox {
             id: id.to_string(),
             dir,
-            shared_dir,
+            staging,
+            cgroup: None,
             vsock_uds,
             agent,
             request_timeout: timeouts.request,
@@ -454,6 +495,9 @@ impl Sandbox {
         }
         self.stop_vm().await;
         remove_sandbox_dir(&self.dir);
+        if let Some(cgroup) = &self.cgroup {
+            cgroup.leave_and_remove();
+        }
     }
 }
 
@@ -475,10 +519,8 @@ pub fn remove_sandbox_dir(dir: &Path) {
     for (path, e) in crate::rootfs::unmount_all(dir) {
         tracing::warn!("cannot unmount {}: {e}", path.display());
     }
-    if let Err(e) = std::fs::remove_dir_all(dir) {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            tracing::warn!("cannot remove {}: {e}", dir.display());
-        }
+    if let Err(e) = crate::rootfs::remove_unmounted_tree(dir) {
+        tracing::warn!("cannot remove {}: {e}", dir.display());
     }
 }
 

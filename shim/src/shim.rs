@@ -90,15 +90,41 @@ impl Shim for HuskShim {
             "husk shim serving"
         );
         let events = Events::new(publisher, &self.namespace);
-        TaskService {
-            shim: Arc::new(container::Shim::new(
-                &self.namespace,
-                &self.id,
-                events,
-                self.exit.clone(),
-            )),
-        }
+        let shim = Arc::new(container::Shim::new(
+            &self.namespace,
+            &self.id,
+            events,
+            self.exit.clone(),
+        ));
+        spawn_stop_on_signal(shim.clone());
+        TaskService { shim }
     }
+}
+
+/// SIGTERM or SIGINT end the shim cleanly: the VM stopped, its state and
+/// cgroup removed, then the shim exits. (containerd-shim's own handler only
+/// logs them: a shim that ignores TERM outlives its pod with a VM running.)
+fn spawn_stop_on_signal(shim: Arc<container::Shim>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (term, int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(term), Ok(int)) => (term, int),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::error!("cannot watch for SIGTERM/SIGINT: {e}");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        let (mut term, mut int) = (term, int);
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::warn!("{name}: stopping the VM and exiting");
+        shim.shutdown().await;
+    });
 }
 
 #[cfg(test)]

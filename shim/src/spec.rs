@@ -70,6 +70,9 @@ pub struct PodInfo {
     pub memory_limit: Option<u64>,
     /// The pod's CPU limit, in whole CPUs rounded up.
     pub cpus: Option<u8>,
+    /// The host cgroup containerd gave this task (`linux.cgroupsPath`):
+    /// the VM runs in it when this task boots the VM.
+    pub cgroups_path: Option<String>,
 }
 
 fn annotation<'a>(spec: &'a Value, key: &str) -> Option<&'a str> {
@@ -106,6 +109,11 @@ pub fn pod_info(spec: &Value) -> PodInfo {
             .get("hostname")
             .and_then(Value::as_str)
             .filter(|h| !h.is_empty())
+            .map(str::to_string),
+        cgroups_path: spec
+            .pointer("/linux/cgroupsPath")
+            .and_then(Value::as_str)
+            .filter(|p| !p.is_empty())
             .map(str::to_string),
         memory_limit: number(SANDBOX_MEMORY_ANNOTATION)
             .and_then(|m| u64::try_from(m).ok())
@@ -352,6 +360,7 @@ mod tests {
                 hostname: Some("pod-a".into()),
                 memory_limit: Some(256 << 20),
                 cpus: Some(2),
+                cgroups_path: Some("/k8s/pod1/c1".into()),
             }
         );
         let guest: Value =

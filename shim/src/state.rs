@@ -16,6 +16,9 @@ pub struct TaskState {
     pub container_dir: PathBuf,
     /// Whether this task booted the sandbox (its deletion removes it).
     pub owns_sandbox: bool,
+    /// The host cgroups the VM ran in (removed with the sandbox).
+    #[serde(default)]
+    pub cgroup_dirs: Vec<PathBuf>,
 }
 
 impl TaskState {
@@ -51,9 +54,12 @@ impl TaskState {
         for (path, e) in crate::rootfs::unmount_all(&self.container_dir) {
             tracing::warn!("cannot unmount {}: {e}", path.display());
         }
-        let _ = std::fs::remove_dir_all(&self.container_dir);
+        if let Err(e) = crate::rootfs::remove_unmounted_tree(&self.container_dir) {
+            tracing::warn!("{e}");
+        }
         if self.owns_sandbox {
             crate::sandbox::remove_sandbox_dir(&self.sandbox_dir);
+            crate::cgroup::HostCgroup::remove(&self.cgroup_dirs);
         }
     }
 }
@@ -68,8 +74,9 @@ mod tests {
         assert_eq!(TaskState::load(dir.path()).unwrap(), None);
         let state = TaskState {
             sandbox_dir: "/run/husk/default/c1".into(),
-            container_dir: "/run/husk/default/c1/shared/c1".into(),
+            container_dir: "/run/husk/default/c1/staging/c1".into(),
             owns_sandbox: true,
+            cgroup_dirs: Vec::new(),
         };
         state.save(dir.path()).unwrap();
         assert_eq!(TaskState::load(dir.path()).unwrap(), Some(state));
@@ -81,29 +88,31 @@ mod tests {
     fn cleanup_leaves_a_live_sandbox_alone() {
         let dir = tempfile::tempdir().unwrap();
         let sandbox = dir.path().join("sb");
-        std::fs::create_dir_all(sandbox.join("shared/c1/rootfs")).unwrap();
+        std::fs::create_dir_all(sandbox.join("staging/c1/rootfs")).unwrap();
         let _vmm =
             std::os::unix::net::UnixListener::bind(crate::sandbox::vsock_socket(&sandbox)).unwrap();
         TaskState {
             sandbox_dir: sandbox.clone(),
-            container_dir: sandbox.join("shared/c1"),
+            container_dir: sandbox.join("staging/c1"),
             owns_sandbox: true,
+            cgroup_dirs: Vec::new(),
         }
         .cleanup();
-        assert!(sandbox.join("shared/c1/rootfs").exists());
+        assert!(sandbox.join("staging/c1/rootfs").exists());
     }
 
     #[test]
     fn cleanup_removes_the_sandbox_it_owns() {
         let dir = tempfile::tempdir().unwrap();
         let sandbox = dir.path().join("sb");
-        let container = sandbox.join("shared/c1/rootfs");
+        let container = sandbox.join("staging/c1/rootfs");
         std::fs::create_dir_all(&container).unwrap();
         std::fs::write(sandbox.join("vsock.sock"), b"").unwrap();
         TaskState {
             sandbox_dir: sandbox.clone(),
-            container_dir: sandbox.join("shared/c1"),
+            container_dir: sandbox.join("staging/c1"),
             owns_sandbox: true,
+            cgroup_dirs: Vec::new(),
         }
         .cleanup();
         assert!(!sandbox.exists());

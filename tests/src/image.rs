@@ -24,6 +24,22 @@ fn run(cmd: &mut Command) {
     );
 }
 
+/// The hostile-workload probe (`make guest-test` builds it, static), put
+/// into test images at /bin/husk-probe.
+pub fn guest_probe() -> PathBuf {
+    let path = std::env::var_os("HUSK_GUEST_PROBE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            crate::workspace_root().join("target/x86_64-unknown-linux-gnu/agent/husk-probe")
+        });
+    assert!(
+        path.is_file(),
+        "{} is missing: run `make guest-test` (or set HUSK_GUEST_PROBE)",
+        path.display()
+    );
+    path
+}
+
 /// A busybox root filesystem at `root` (also used directly by agent tests).
 pub fn busybox_rootfs(root: &Path) {
     for dir in [
@@ -59,6 +75,7 @@ pub fn build_busybox_image(dir: &Path, name: &str) -> PathBuf {
 pub fn build_busybox_image_with_cmd(dir: &Path, name: &str, cmd: &[&str]) -> PathBuf {
     let rootfs = dir.join("rootfs");
     busybox_rootfs(&rootfs);
+    std::fs::copy(guest_probe(), rootfs.join("bin/husk-probe")).unwrap();
     let layer_tar = dir.join("layer.tar");
     run(Command::new("tar")
         .args([

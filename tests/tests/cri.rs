@@ -9,9 +9,10 @@
 //! `husk_*` test is husk's. Pod boots dominate the husk tests (~30-60 s per
 //! VM on nested KVM), so each test packs many checks into few pods.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use husk_tests::cri::*;
+use husk_tests::pod_cgroup::PodCgroup;
 use husk_tests::*;
 use k8s_cri::v1::{ContainerState, ExecSyncResponse, PodSandboxState};
 
@@ -91,16 +92,27 @@ fn pods(handler: &str) {
     clock.mark("containerd with CRI up, images imported");
     let pod = cri.run_pod(&cri.pod_config("lifecycle"), handler);
     clock.mark("RunPodSandbox (default size)");
+    // The client pod as kubelet makes a pod limited to 500m: a pod cgroup
+    // on the host with that CFS quota as its cgroup parent, the pod-level
+    // resources (256 MiB, half a CPU), and privileged, for the escape tests.
+    let pod_cgroup =
+        PodCgroup::with_cpu_limit(&format!("husk-test-pod-{}", std::process::id()), 500);
     let mut sized = cri.pod_config("client");
     if let Some(linux) = sized.linux.as_mut() {
-        // Kubernetes' pod-level limits: 256 MiB, one CPU.
-        linux.resources = Some(resources(256 * MIB, 100_000, 100_000));
+        linux.resources = Some(resources(256 * MIB, 50_000, 100_000));
+        linux.cgroup_parent = pod_cgroup.parent.clone();
+        if let Some(sc) = linux.security_context.as_mut() {
+            sc.privileged = true;
+        }
     }
     let client_pod = cri.run_pod(&sized, handler);
     clock.mark("RunPodSandbox (with pod resources)");
 
     pod_lifecycle(&cri, &pod, handler, &mut clock);
     two_pods(&cri, &pod, &client_pod, handler, &mut clock);
+    if handler == HUSK_HANDLER {
+        contained(&cri, &client_pod, &pod_cgroup, &mut clock);
+    }
 
     for pod in [&pod, &client_pod] {
         cri.stop_pod(pod);
@@ -110,7 +122,81 @@ fn pods(handler: &str) {
     }
     clock.mark("pods removed");
     cri.assert_clean(&[&pod, &client_pod], op_timeout());
+    assert_eq!(
+        pod_cgroup.children(),
+        Vec::<String>::new(),
+        "the sandbox's cgroup below the pod cgroup is left"
+    );
     clock.mark("nothing left behind");
+}
+
+/// The host's side of the isolation, in the privileged client pod: the VM
+/// (every shim thread) runs in the pod's cgroup, so a container that lifts
+/// its own in-guest CPU limit and spins every vCPU still gets no more than
+/// the pod's 500m of host CPU; and guest root that mounts the share finds
+/// it read-only outside its rootfs, so nothing reaches the host's disk.
+fn contained(cri: &Cri, pod: &Pod, pod_cgroup: &PodCgroup, clock: &mut Clock) {
+    let shim = husk_tests::containerd::shim_pid("containerd-shim-husk-v2", &pod.id)
+        .expect("the client pod's shim");
+    assert_eq!(
+        pod_cgroup.threads_outside(shim),
+        Vec::<String>::new(),
+        "shim threads outside the pod cgroup {}",
+        pod_cgroup.parent
+    );
+    let mut config = cri.container_config("hog", &["sh", "-c", UNTIL_TERM_SH]);
+    if let Some(linux) = config.linux.as_mut() {
+        linux.resources = Some(resources(0, 50_000, 100_000));
+        if let Some(sc) = linux.security_context.as_mut() {
+            sc.privileged = true;
+        }
+    }
+    let hog = cri.run_container(pod, &config);
+    clock.mark("a privileged container in the client pod");
+
+    // Guest root mounts the share: the top level, other containers' trees
+    // and its own tree outside rootfs are read-only; its rootfs is not.
+    let escape = format!(
+        "mkdir -p /mnt/share && mount -t virtiofs husk /mnt/share || exit 9; \
+         for p in /mnt/share/planted /mnt/share/{hog}/planted /mnt/share/{hog}/rootfs-link; do \
+           if ln -s / $p 2>/dev/null || touch $p 2>/dev/null; then echo CREATED $p; fi; \
+         done; mkdir /mnt/share/newdir 2>/dev/null && echo CREATED newdir; \
+         echo inside > /mnt/share/{hog}/rootfs/inside && echo rootfs-ok"
+    );
+    let r = cri.exec_sync(&hog, &["sh", "-c", &escape]);
+    let out = String::from_utf8_lossy(&r.stdout);
+    assert_eq!(
+        (r.exit_code, out.as_ref()),
+        (0, "rootfs-ok\n"),
+        "guest root wrote outside its rootfs through the share: stderr {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    assert_eq!(cri.exec_ok(&hog, &["cat", "/inside"]), "inside\n");
+    clock.mark("the share from guest root");
+
+    // Lift the container's own limit in the guest, spin both vCPUs, and
+    // measure what the pod cgroup on the host used meanwhile.
+    let spin = "p=$(sed -n 's/^0:://p' /proc/self/cgroup); \
+                echo max > \"/sys/fs/cgroup${p%/}/cpu.max\" || exit 9; \
+                (while :; do :; done) >/dev/null 2>&1 & \
+                (while :; do :; done) >/dev/null 2>&1 & echo spinning";
+    assert_eq!(cri.exec_ok(&hog, &["sh", "-c", spin]), "spinning\n");
+    let window = Duration::from_secs(20);
+    let before = pod_cgroup.cpu_used();
+    std::thread::sleep(window);
+    let cores = (pod_cgroup.cpu_used() - before).as_secs_f64() / window.as_secs_f64();
+    eprintln!("[husk] pod limited to 500m, container spinning 2 vCPUs: {cores:.2} host cores");
+    assert!(
+        cores > 0.3,
+        "the spinning VM is not charged to the pod cgroup ({cores:.2} cores)"
+    );
+    assert!(
+        cores < 0.65,
+        "the pod used {cores:.2} host cores against its 500m limit"
+    );
+    cri.stop_container(&hog, 1);
+    cri.remove_container(&hog);
+    clock.mark("CPU use of a pod that lifted its in-guest limit");
 }
 
 /// In one pod: two long-running containers sharing volumes, then a
@@ -353,7 +439,7 @@ fn two_pods(cri: &Cri, server_pod: &Pod, client_pod: &Pod, handler: &str, clock:
     let annotations = cri.pod_spec_annotations(client_pod);
     for (key, value) in [
         ("io.kubernetes.cri.sandbox-memory", "268435456"),
-        ("io.kubernetes.cri.sandbox-cpu-quota", "100000"),
+        ("io.kubernetes.cri.sandbox-cpu-quota", "50000"),
         ("io.kubernetes.cri.sandbox-cpu-period", "100000"),
     ] {
         assert_eq!(
@@ -408,7 +494,7 @@ fn two_pods(cri: &Cri, server_pod: &Pod, client_pod: &Pod, handler: &str, clock:
         assert_eq!(
             sized_cpus,
             default_cpus + 1,
-            "a pod with a 1-CPU quota gets one more vCPU"
+            "a pod with a 500m quota gets one more vCPU"
         );
         assert!(
             sized_kb >= default_kb + 200 * 1024,

@@ -3,9 +3,9 @@
 //!
 //! Each test starts its own containerd and imports a locally built busybox
 //! image. VM boots dominate the time (30-300 s each on nested KVM hosts), so
-//! the suite boots four: checks that need no VM of their own share one.
+//! the suite boots five: checks that need no VM of their own share one.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, Read, Write};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -170,15 +170,17 @@ fn drain_pty(master: &mut std::fs::File) -> String {
 /// into exit 42. `long2`'s shim is killed with SIGKILL, taking its VM with
 /// it; containerd then runs `containerd-shim-husk-v2 delete`, which must
 /// remove the mounts and the sandbox directory from the state the shim
-/// persisted.
+/// persisted. `long3`'s shim gets SIGTERM and must end cleanly.
 #[test]
 fn long_running_tasks_tty_exec_pause_metrics_signals_and_a_crashed_shim() {
     let c = ctrd();
     let pty = nix::pty::openpty(None, None).unwrap();
     let slave = std::fs::File::from(pty.slave);
     let mut master = std::fs::File::from(pty.master);
+    // Waiting in `wait` (not a sleep loop: every fork is slow where guest
+    // kernel code is emulated), so the trap runs as soon as TERM arrives.
     let script = "tty; [ -t 0 ] && echo stdin-is-a-tty; trap 'exit 42' TERM; \
-                  while true; do sleep 1; done";
+                  sleep 2147483647 & wait";
     let long1 = c
         .ctr_command(&run_args(&["-t"], "long1", &["sh", "-c", script]))
         .stdin(slave.try_clone().unwrap())
@@ -186,14 +188,16 @@ fn long_running_tasks_tty_exec_pause_metrics_signals_and_a_crashed_shim() {
         .stderr(slave)
         .spawn()
         .unwrap();
-    let long2 = c
-        .ctr_command(&run_args(&[], "long2", &["sleep", "3600"]))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_running(&c, "long1", boot_timeout());
-    wait_running(&c, "long2", boot_timeout());
+    let [long2, long3] = ["long2", "long3"].map(|id| {
+        c.ctr_command(&run_args(&[], id, &["sleep", "3600"]))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    });
+    for id in ["long1", "long2", "long3"] {
+        wait_running(&c, id, boot_timeout());
+    }
 
     let exec = c.ctr_ok(&[
         "tasks",
@@ -231,25 +235,58 @@ fn long_running_tasks_tty_exec_pause_metrics_signals_and_a_crashed_shim() {
         stderr.contains("/no/such/binary"),
         "an exec of a missing binary names it: {stderr}"
     );
-    // An exec killed with SIGKILL exits 128 + 9.
-    let sleeper = c
-        .ctr_command(&["tasks", "exec", "--exec-id", "e4", "long1", "sleep", "3600"])
+    // An exec killed with SIGKILL exits 128 + 9. It says when it runs.
+    let mut sleeper = c
+        .ctr_command(&[
+            "tasks",
+            "exec",
+            "--exec-id",
+            "e4",
+            "long1",
+            "sh",
+            "-c",
+            "echo started; exec sleep 3600",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + op_timeout();
-    while !c.ctr_ok(&["tasks", "ps", "long1"]).contains("sleep") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "exec e4 did not start\n{}",
-            c.diagnostics()
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    let mut started = String::new();
+    std::io::BufReader::new(sleeper.stdout.as_mut().unwrap())
+        .read_line(&mut started)
+        .unwrap();
+    assert_eq!(started, "started\n", "{}", c.diagnostics());
     c.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", "--exec-id", "e4", "long1"]);
     let killed = sleeper.wait_with_output().unwrap();
     assert_eq!(killed.status.code(), Some(137), "{}", c.diagnostics());
+
+    // A container cannot reach the agent (or any guest listener) over
+    // vsock: not through loopback (CID 1), not through the guest's own CID
+    // (3), and the host's CID (2) leads to the host, where nothing listens
+    // on the agent's ports.
+    let probe = c.ctr(&[
+        "tasks",
+        "exec",
+        "--exec-id",
+        "probe",
+        "long1",
+        "husk-probe",
+        "vsock-connect",
+        "1:1024",
+        "3:1024",
+        "2:1024",
+        "1:1026",
+        "3:1026",
+        "2:1026",
+    ]);
+    let report = String::from_utf8_lossy(&probe.stdout);
+    assert_eq!(
+        probe.status.code(),
+        Some(0),
+        "a container reached a vsock port:\n{report}{}",
+        String::from_utf8_lossy(&probe.stderr)
+    );
+    assert_eq!(report.matches("refused").count(), 6, "{report}");
 
     c.ctr_ok(&["tasks", "pause", "long1"]);
     assert!(c
@@ -313,9 +350,36 @@ fn long_running_tasks_tty_exec_pause_metrics_signals_and_a_crashed_shim() {
         );
         std::thread::sleep(Duration::from_millis(300));
     }
-    // `ctr run --rm` may already have removed it.
-    let _ = c.ctr(&["tasks", "rm", "-f", "long2"]);
-    let _ = c.ctr(&["containers", "rm", "long2"]);
+    // long3: SIGTERM to its shim ends it cleanly and promptly (VM stopped,
+    // state removed): a shim must not outlive a TERM with its VM running.
+    let pid = shim_pid("containerd-shim-husk-v2", "long3").expect("shim process");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let out = long3.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let deadline = std::time::Instant::now() + op_timeout();
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the shim ignored SIGTERM\n{}",
+            c.diagnostics()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        c.log().contains("SIGTERM: stopping the VM and exiting"),
+        "{}",
+        c.diagnostics()
+    );
+
+    // `ctr run --rm` may already have removed them.
+    for id in ["long2", "long3"] {
+        let _ = c.ctr(&["tasks", "rm", "-f", id]);
+        let _ = c.ctr(&["containers", "rm", id]);
+    }
     assert_clean(&c);
 }
 
