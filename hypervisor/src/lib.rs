@@ -18,6 +18,7 @@ pub mod layout;
 pub mod ledger;
 pub mod memory;
 pub mod metrics;
+pub mod rate_limit;
 pub mod vcpu;
 pub mod vm;
 

@@ -118,6 +118,11 @@ impl VmConfig {
     }
 }
 
+/// Most host descriptors a guest's virtio-fs share may hold (one per inode
+/// it remembers and per open file): each VM's own cap, whatever the shim's
+/// descriptor limit.
+pub const MAX_SHARE_FDS: u64 = 16_384;
+
 /// Most vCPUs a guest can have (the guest kernel is built with NR_CPUS=8).
 pub const MAX_VCPUS: u8 = 8;
 /// vsock CIDs 0-2 are reserved (hypervisor, local, host).
@@ -342,6 +347,7 @@ impl Vm {
             let options = FsOptions {
                 cache: cache_policy(&share.cache)?,
                 xattr: share.xattr,
+                max_host_fds: Some(MAX_SHARE_FDS),
                 ..FsOptions::default()
             };
             let device = Fs::new(&share.tag, &share.dir, options)?;

@@ -16,6 +16,11 @@ use crate::errors::*;
 use crate::events::Events;
 use crate::io::{self, Stdio};
 use crate::process::{lock, Exit, Process, ProcessState, LOST_EXIT_STATUS};
+
+/// SIGKILL's number (the task API carries signals as numbers).
+const KILL_SIGNAL: u32 = 9;
+/// What a process killed by SIGKILL exits with.
+const KILLED_EXIT_STATUS: u32 = 128 + KILL_SIGNAL;
 use crate::rootfs::{self, ContainerDirs};
 use crate::sandbox::{sandbox_dir, Sandbox};
 use crate::spec;
@@ -136,6 +141,7 @@ impl Shim {
     fn spawn_watchers(self: &Arc<Self>, sandbox: &Arc<Sandbox>) {
         let (shim, sb) = (self.clone(), sandbox.clone());
         tokio::spawn(async move {
+            let mut oom_gate = OomGate::default();
             loop {
                 let req = pb::GetOomEventRequest::new();
                 match sb
@@ -144,8 +150,13 @@ impl Shim {
                     .await
                 {
                     Ok(ev) => {
-                        tracing::info!(container = ev.container_id, "OOM kill in the guest");
-                        shim.events.oom(&ev.container_id).await;
+                        // Only this shim's containers, and one event per
+                        // container and second: the guest sends these.
+                        let id = ev.container_id;
+                        if lock(&shim.containers).contains_key(&id) && oom_gate.admit(&id) {
+                            tracing::info!(container = id, "OOM kill in the guest");
+                            shim.events.oom(&id).await;
+                        }
                     }
                     Err(e) => {
                         tracing::debug!("OOM event stream ended: {e}");
@@ -291,6 +302,10 @@ impl Shim {
     }
 
     async fn remove_in_guest(&self, sandbox: &Sandbox, id: &str) {
+        if !sandbox.is_running() {
+            // Stopped or stopping: nobody would answer.
+            return;
+        }
         let mut req = pb::RemoveContainerRequest::new();
         req.container_id = id.into();
         if let Err(e) = sandbox.agent.remove_container(sandbox.ctx(), &req).await {
@@ -378,15 +393,17 @@ impl Shim {
                     LOST_EXIT_STATUS
                 }
             };
-            let exit = process.finish(status).await;
-            shim.events
-                .exit(
-                    &process.container_id,
-                    process.task_id(),
-                    process.pid(),
-                    exit,
-                )
-                .await;
+            let (exit, first) = process.finish(status).await;
+            if first {
+                shim.events
+                    .exit(
+                        &process.container_id,
+                        process.task_id(),
+                        process.pid(),
+                        exit,
+                    )
+                    .await;
+            }
         });
     }
 
@@ -420,7 +437,13 @@ impl Shim {
         Ok(())
     }
 
-    pub async fn kill(&self, id: &str, exec_id: &str, signal: u32, all: bool) -> ttrpc::Result<()> {
+    pub async fn kill(
+        self: &Arc<Self>,
+        id: &str,
+        exec_id: &str,
+        signal: u32,
+        all: bool,
+    ) -> ttrpc::Result<()> {
         let container = self.container(id)?;
         let process = container.process(exec_id)?;
         match process.state() {
@@ -433,23 +456,85 @@ impl Shim {
             // Not started: nothing in the guest runs yet (an exec only
             // exists here until Start).
             ProcessState::Created if !exec_id.is_empty() => {
-                process.finish(128 + signal).await;
+                let (exit, first) = process.record_exit(128 + signal);
+                if first {
+                    self.events.exit(id, exec_id, 0, exit).await;
+                }
                 return Ok(());
             }
             _ => {}
         }
         let sandbox = self.sandbox()?;
+        // SIGKILL to the last thing running in the VM: the VM is the kill
+        // boundary. If the guest does not report the exit in time (a stuck
+        // or lying agent), the VM is stopped and the exit reported anyway.
+        let boundary = signal == KILL_SIGNAL && exec_id.is_empty() && self.is_last_running(id);
+        if boundary {
+            self.spawn_kill_boundary(&sandbox, &process);
+        }
         let mut req = pb::SignalProcessRequest::new();
         req.container_id = id.into();
         req.exec_id = exec_id.into();
         req.signal = signal;
         req.all = all;
-        sandbox
-            .agent
-            .signal_process(sandbox.ctx(), &req)
-            .await
-            .map_err(|e| sandbox.agent_error("SignalProcess", e))?;
-        Ok(())
+        let ctx = if boundary {
+            ttrpc::context::with_timeout(sandbox.kill_grace.as_nanos() as i64)
+        } else {
+            sandbox.ctx()
+        };
+        match sandbox.agent.signal_process(ctx, &req).await {
+            Ok(_) => Ok(()),
+            Err(e) if boundary => {
+                tracing::warn!(
+                    container = id,
+                    "SignalProcess(SIGKILL): {e}; the VM stops if no exit follows"
+                );
+                Ok(())
+            }
+            Err(e) => Err(sandbox.agent_error("SignalProcess", e)),
+        }
+    }
+
+    /// Whether container `id` is what keeps the VM busy: the task that
+    /// booted it, or the only container still running.
+    fn is_last_running(&self, id: &str) -> bool {
+        id == self.sandbox_id
+            || lock(&self.containers)
+                .values()
+                .all(|c| c.id == id || c.init.state() != ProcessState::Running)
+    }
+
+    /// After a SIGKILL to `process`: unless it exits within the grace
+    /// period, every process of the VM is reported killed (137) and the VM
+    /// is stopped.
+    fn spawn_kill_boundary(self: &Arc<Self>, sandbox: &Arc<Sandbox>, process: &Arc<Process>) {
+        let (shim, sandbox, process) = (self.clone(), sandbox.clone(), process.clone());
+        tokio::spawn(async move {
+            let grace = sandbox.kill_grace;
+            if tokio::time::timeout(grace, process.wait()).await.is_ok() {
+                return;
+            }
+            tracing::warn!(
+                sandbox = sandbox.id,
+                "no exit {grace:?} after SIGKILL to {}: the guest does not answer; \
+                 stopping the VM and reporting its processes killed",
+                process.task_id()
+            );
+            let containers: Vec<Arc<Container>> =
+                lock(&shim.containers).values().cloned().collect();
+            for c in containers {
+                let execs: Vec<Arc<Process>> = lock(&c.execs).values().cloned().collect();
+                for p in std::iter::once(c.init.clone()).chain(execs) {
+                    let (exit, first) = p.record_exit(KILLED_EXIT_STATUS);
+                    if first && p.state() != ProcessState::Created {
+                        shim.events
+                            .exit(&p.container_id, p.task_id(), p.pid(), exit)
+                            .await;
+                    }
+                }
+            }
+            sandbox.stop_vm().await;
+        });
     }
 
     /// Deletes a stopped process: an exec, or the container with its files.
@@ -521,9 +606,48 @@ impl Shim {
     }
 }
 
+/// Coalesces OOM events: one per container per [`OomGate::WINDOW`].
+#[derive(Default)]
+struct OomGate {
+    last: HashMap<String, std::time::Instant>,
+}
+
+impl OomGate {
+    const WINDOW: std::time::Duration = std::time::Duration::from_secs(1);
+    /// Containers remembered at most (ids come from the guest).
+    const MAX_TRACKED: usize = 1024;
+
+    fn admit(&mut self, id: &str) -> bool {
+        self.admit_at(id, std::time::Instant::now())
+    }
+
+    fn admit_at(&mut self, id: &str, now: std::time::Instant) -> bool {
+        if let Some(last) = self.last.get(id) {
+            if now.saturating_duration_since(*last) < Self::WINDOW {
+                return false;
+            }
+        }
+        if self.last.len() >= Self::MAX_TRACKED {
+            self.last.clear();
+        }
+        self.last.insert(id.to_string(), now);
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn oom_events_are_coalesced_per_container() {
+        let mut gate = OomGate::default();
+        let t0 = std::time::Instant::now();
+        assert!(gate.admit_at("c1", t0));
+        assert!(!gate.admit_at("c1", t0 + std::time::Duration::from_millis(500)));
+        assert!(gate.admit_at("c2", t0));
+        assert!(gate.admit_at("c1", t0 + std::time::Duration::from_secs(2)));
+    }
 
     #[test]
     fn ids_are_checked() {

@@ -27,13 +27,63 @@ pub fn internal(message: impl Into<String>) -> Error {
     status(Code::INTERNAL, message)
 }
 
-/// An agent error, passed on with its own status code and message.
+/// Most bytes of guest text an error carries.
+pub const MAX_GUEST_TEXT: usize = 1024;
+
+/// Text from the guest made fit for host logs and error messages: control
+/// characters escaped, cut to [`MAX_GUEST_TEXT`] bytes.
+pub fn guest_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len().min(MAX_GUEST_TEXT));
+    for c in text.chars() {
+        let piece: String = if c.is_control() {
+            c.escape_default().collect()
+        } else {
+            c.to_string()
+        };
+        if out.len() + piece.len() > MAX_GUEST_TEXT {
+            out.push_str("...");
+            break;
+        }
+        out.push_str(&piece);
+    }
+    out
+}
+
+/// An agent error, passed on with its own status code and its message
+/// (guest text: sanitized and capped).
 pub fn from_agent(rpc: &str, e: ttrpc::Error) -> Error {
     match e {
         Error::RpcStatus(mut s) => {
-            s.message = format!("guest agent {rpc}: {}", s.message);
+            s.message = format!("guest agent {rpc}: {}", guest_text(&s.message));
             Error::RpcStatus(s)
         }
-        other => internal(format!("guest agent {rpc}: {other}")),
+        other => internal(format!(
+            "guest agent {rpc}: {}",
+            guest_text(&other.to_string())
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_text_is_escaped_and_capped() {
+        assert_eq!(guest_text("a\nb\u{1b}[2J"), "a\\nb\\u{1b}[2J");
+        let long = guest_text(&"é".repeat(4 * MAX_GUEST_TEXT));
+        assert!(long.len() <= MAX_GUEST_TEXT + 3 && long.ends_with("..."));
+        let e = from_agent(
+            "CreateContainer",
+            status(Code::NOT_FOUND, format!("forged\n{}", "x".repeat(5000))),
+        );
+        let Error::RpcStatus(s) = e else {
+            panic!("not a status")
+        };
+        assert_eq!(s.code(), Code::NOT_FOUND);
+        assert!(s
+            .message
+            .starts_with("guest agent CreateContainer: forged\\n"));
+        assert!(s.message.len() < MAX_GUEST_TEXT + 64);
     }
 }

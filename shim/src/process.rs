@@ -91,11 +91,18 @@ impl Process {
 
     /// Records the exit once output is drained; returns it (the first exit
     /// recorded wins).
-    pub async fn finish(&self, status: u32) -> Exit {
+    pub async fn finish(&self, status: u32) -> (Exit, bool) {
         self.io.lock().await.wait_outputs().await;
+        self.record_exit(status)
+    }
+
+    /// Records the exit without waiting for the output (a VM that does not
+    /// answer will never send the rest). The first exit recorded stays;
+    /// `true` when this call recorded it, so its caller publishes it.
+    pub fn record_exit(&self, status: u32) -> (Exit, bool) {
         let mut state = lock(&self.state);
         if let ProcessState::Stopped(exit) = *state {
-            return exit;
+            return (exit, false);
         }
         let exit = Exit {
             status,
@@ -104,7 +111,7 @@ impl Process {
         *state = ProcessState::Stopped(exit);
         drop(state);
         self.exit_tx.send_replace(Some(exit));
-        exit
+        (exit, true)
     }
 
     /// Waits for the exit.
@@ -161,8 +168,14 @@ mod tests {
             let p = p.clone();
             tokio::spawn(async move { p.wait().await })
         };
-        let exit = p.finish(3).await;
-        assert_eq!(p.finish(9).await, exit, "a later exit does not overwrite");
+        let (exit, first) = p.finish(3).await;
+        assert!(first);
+        assert_eq!(
+            p.finish(9).await,
+            (exit, false),
+            "a later exit does not overwrite"
+        );
+        assert_eq!(p.record_exit(137), (exit, false));
         assert_eq!(waiter.await.unwrap(), exit);
         assert_eq!(exit.status, 3);
         assert_eq!(p.status(false), Status::STOPPED);

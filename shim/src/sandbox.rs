@@ -73,6 +73,8 @@ pub struct Sandbox {
     pub vsock_uds: PathBuf,
     pub agent: AgentServiceClient,
     pub request_timeout: Duration,
+    /// See [`husk_config::AgentTimeouts::kill_grace`].
+    pub kill_grace: Duration,
     /// The host cgroup the VM runs in (the booting task's).
     pub cgroup: Option<HostCgroup>,
     vm: Mutex<Option<Vm>>,
@@ -359,6 +361,7 @@ impl Sandbox {
             vsock_uds,
             agent,
             request_timeout: timeouts.request,
+            kill_grace: timeouts.kill_grace,
             vm: Mutex::new(Some(vm)),
             exit_fd,
             _guest_log: guest_log,
@@ -467,6 +470,13 @@ impl Sandbox {
             .unwrap_or(ExitReason::Stopped)
     }
 
+    /// Whether the VM runs (it is not stopped, stopping, or ended).
+    pub fn is_running(&self) -> bool {
+        lock(&self.vm)
+            .as_ref()
+            .is_some_and(|vm| vm.exit_reason().is_none())
+    }
+
     /// Stops the VMM (after the guest ended on its own): every open agent
     /// call then fails instead of hanging. Idempotent.
     pub async fn stop_vm(&self) {
@@ -480,10 +490,7 @@ impl Sandbox {
     /// Tells the agent to tear down, stops the VM, unmounts the share and
     /// removes the sandbox directory. Idempotent.
     pub async fn shutdown(&self) {
-        let running = lock(&self.vm)
-            .as_ref()
-            .is_some_and(|vm| vm.exit_reason().is_none());
-        if running {
+        if self.is_running() {
             let ctx = ttrpc::context::with_timeout(Duration::from_secs(10).as_nanos() as i64);
             if let Err(e) = self
                 .agent

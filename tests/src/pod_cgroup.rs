@@ -10,18 +10,22 @@ use std::time::Duration;
 pub struct PodCgroup {
     /// The `cgroup_parent` to give CRI (a cgroupfs path).
     pub parent: String,
-    /// The directory holding the CPU limit and usage.
+    /// The directory holding the CPU limit (v1 cpu, or v2).
     cpu_dir: PathBuf,
+    /// The directory holding the CPU usage (v1 cpuacct, or v2).
+    acct_dir: PathBuf,
     v2: bool,
 }
 
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
-fn v1_cpu_root() -> Option<PathBuf> {
-    ["cpu,cpuacct", "cpu"]
+/// The v1 hierarchy that has `file` (cpu and cpuacct may be mounted
+/// together or apart).
+fn v1_root_with(file: &str) -> Option<PathBuf> {
+    ["cpu,cpuacct", "cpu", "cpuacct"]
         .iter()
         .map(|d| Path::new(CGROUP_ROOT).join(d))
-        .find(|p| p.join("cpu.cfs_quota_us").exists())
+        .find(|p| p.join(file).exists())
 }
 
 impl PodCgroup {
@@ -40,18 +44,23 @@ impl PodCgroup {
             )
             .unwrap();
             std::fs::write(dir.join("cpu.max"), format!("{quota} {period}")).unwrap();
-            dir
+            (dir.clone(), dir)
         } else {
-            let root = v1_cpu_root().expect("no cgroup v1 cpu controller mounted");
+            let root = v1_root_with("cpu.cfs_quota_us").expect("no cgroup v1 cpu controller");
             let dir = root.join(name);
             std::fs::create_dir_all(&dir).unwrap();
             std::fs::write(dir.join("cpu.cfs_period_us"), period.to_string()).unwrap();
             std::fs::write(dir.join("cpu.cfs_quota_us"), quota.to_string()).unwrap();
-            dir
+            let acct = v1_root_with("cpuacct.usage").expect("no cgroup v1 cpuacct controller");
+            let acct_dir = acct.join(name);
+            std::fs::create_dir_all(&acct_dir).unwrap();
+            (dir, acct_dir)
         };
+        let (cpu_dir, acct_dir) = cpu_dir;
         PodCgroup {
             parent,
             cpu_dir,
+            acct_dir,
             v2,
         }
     }
@@ -59,7 +68,7 @@ impl PodCgroup {
     /// CPU time used by everything in the pod cgroup so far.
     pub fn cpu_used(&self) -> Duration {
         if self.v2 {
-            let stat = std::fs::read_to_string(self.cpu_dir.join("cpu.stat")).unwrap();
+            let stat = std::fs::read_to_string(self.acct_dir.join("cpu.stat")).unwrap();
             let usec = stat
                 .lines()
                 .find_map(|l| l.strip_prefix("usage_usec "))
@@ -67,10 +76,13 @@ impl PodCgroup {
                 .unwrap_or(0);
             Duration::from_micros(usec)
         } else {
-            let ns = std::fs::read_to_string(self.cpu_dir.join("cpuacct.usage"))
-                .ok()
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0);
+            let path = self.acct_dir.join("cpuacct.usage");
+            let text = std::fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let ns = text
+                .trim()
+                .parse()
+                .unwrap_or_else(|e| panic!("{text:?}: {e}"));
             Duration::from_nanos(ns)
         }
     }
@@ -118,14 +130,22 @@ impl PodCgroup {
 }
 
 impl Drop for PodCgroup {
+    /// Removes the pod cgroup in every hierarchy (the runtimes create the
+    /// path in each), with whatever child cgroups a failed test left (their
+    /// processes are gone by now).
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir(&self.cpu_dir);
-        // The runtimes create the path in every hierarchy: remove it there.
-        if let Ok(roots) = std::fs::read_dir(CGROUP_ROOT) {
-            for root in roots.flatten() {
-                let dir = root.path().join(self.parent.trim_start_matches('/'));
-                let _ = std::fs::remove_dir(dir);
+        let mut roots: Vec<PathBuf> = std::fs::read_dir(CGROUP_ROOT)
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        roots.push(PathBuf::from(CGROUP_ROOT));
+        for root in roots {
+            let dir = root.join(self.parent.trim_start_matches('/'));
+            if let Ok(children) = std::fs::read_dir(&dir) {
+                for child in children.flatten().filter(|c| c.path().is_dir()) {
+                    let _ = std::fs::remove_dir(child.path());
+                }
             }
+            let _ = std::fs::remove_dir(dir);
         }
     }
 }

@@ -164,13 +164,14 @@ fn drain_pty(master: &mut std::fs::File) -> String {
     String::from_utf8_lossy(&output).into_owned()
 }
 
-/// Two long-running tasks (two VMs) at once. `long1` runs on a terminal
+/// Three long-running tasks (three VMs) at once. `long1` runs on a terminal
 /// (`ctr run -t`) and gets execs (output, exit codes, a missing binary, a
-/// SIGKILLed exec), pause/resume, metrics, ps and a SIGTERM its trap turns
-/// into exit 42. `long2`'s shim is killed with SIGKILL, taking its VM with
-/// it; containerd then runs `containerd-shim-husk-v2 delete`, which must
-/// remove the mounts and the sandbox directory from the state the shim
-/// persisted. `long3`'s shim gets SIGTERM and must end cleanly.
+/// SIGKILLed exec, a SIGTERM its trap turns into exit 42, a vsock probe),
+/// pause/resume, metrics and ps; then its shim gets SIGTERM and must end
+/// cleanly. `long2`'s shim is killed with SIGKILL, taking its VM with it;
+/// containerd then runs `containerd-shim-husk-v2 delete`, which must remove
+/// the mounts and the sandbox directory from the state the shim persisted.
+/// `long3`'s agent is made unresponsive, and a SIGKILL still ends it.
 #[test]
 fn long_running_tasks_tty_exec_pause_metrics_signals_and_a_crashed_shim() {
     let c = ctrd();
@@ -310,12 +311,57 @@ fn long_running_tasks_tty_exec_pause_metrics_signals_and_a_crashed_shim() {
     let ps = c.ctr_ok(&["tasks", "ps", "long1"]);
     assert!(ps.lines().count() >= 2, "{ps}");
 
-    // SIGTERM runs the trap: exit 42, through the terminal's ctr.
-    c.ctr_ok(&["tasks", "kill", "-s", "SIGTERM", "long1"]);
+    // SIGTERM reaches a process and runs its trap: exit 42.
+    let mut trapper = c
+        .ctr_command(&[
+            "tasks",
+            "exec",
+            "--exec-id",
+            "e5",
+            "long1",
+            "sh",
+            "-c",
+            "trap 'exit 42' TERM; echo ready; sleep 2147483647 & wait",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ready = String::new();
+    std::io::BufReader::new(trapper.stdout.as_mut().unwrap())
+        .read_line(&mut ready)
+        .unwrap();
+    assert_eq!(ready, "ready\n", "{}", c.diagnostics());
+    c.ctr_ok(&["tasks", "kill", "-s", "SIGTERM", "--exec-id", "e5", "long1"]);
+    let trapped = trapper.wait_with_output().unwrap();
+    assert_eq!(trapped.status.code(), Some(42), "{}", c.diagnostics());
+
+    // SIGTERM to long1's shim ends it cleanly and promptly (VM stopped,
+    // state removed): a shim must not outlive a TERM with its VM running.
+    let pid = shim_pid("containerd-shim-husk-v2", "long1").expect("shim process");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
     let mut long1 = long1;
     let status = long1.wait().unwrap();
+    assert!(!status.success());
+    let deadline = std::time::Instant::now() + op_timeout();
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the shim ignored SIGTERM\n{}",
+            c.diagnostics()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        c.log().contains("SIGTERM: stopping the VM and exiting"),
+        "{}",
+        c.diagnostics()
+    );
     let text = drain_pty(&mut master);
-    assert_eq!(status.code(), Some(42), "{text}\n{}", c.diagnostics());
     assert!(
         text.contains("/dev/pts/"),
         "tty inside the container: {text}"
@@ -350,30 +396,31 @@ fn long_running_tasks_tty_exec_pause_metrics_signals_and_a_crashed_shim() {
         );
         std::thread::sleep(Duration::from_millis(300));
     }
-    // long3: SIGTERM to its shim ends it cleanly and promptly (VM stopped,
-    // state removed): a shim must not outlive a TERM with its VM running.
+    // long3: its agent stops answering (its only vCPU stopped from the
+    // host). A SIGKILL must still end the task: after the kill grace the
+    // VM is stopped and the exit reported (137).
     let pid = shim_pid("containerd-shim-husk-v2", "long3").expect("shim process");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
+    let vcpu = thread_named(pid, "husk-vcpu0").expect("vCPU thread");
+    let frozen = nix::unistd::Pid::from_raw(vcpu as i32);
+    nix::sys::ptrace::seize(frozen, nix::sys::ptrace::Options::empty()).unwrap();
+    nix::sys::ptrace::interrupt(frozen).unwrap();
+    nix::sys::wait::waitpid(frozen, Some(nix::sys::wait::WaitPidFlag::__WALL)).unwrap();
+    c.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", "long3"]);
     let out = long3.wait_with_output().unwrap();
-    assert!(!out.status.success());
-    let deadline = std::time::Instant::now() + op_timeout();
-    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the shim ignored SIGTERM\n{}",
-            c.diagnostics()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(
-        c.log().contains("SIGTERM: stopping the VM and exiting"),
-        "{}",
+    assert_eq!(
+        out.status.code(),
+        Some(137),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
         c.diagnostics()
     );
+    assert!(
+        c.log().contains("the guest does not answer"),
+        "the exit came from the kill boundary\n{}",
+        c.diagnostics()
+    );
+    // Let the vCPU thread go, so the VM's teardown can finish.
+    nix::sys::ptrace::detach(frozen, None).unwrap();
 
     // `ctr run --rm` may already have removed them.
     for id in ["long2", "long3"] {
@@ -381,6 +428,15 @@ fn long_running_tasks_tty_exec_pause_metrics_signals_and_a_crashed_shim() {
         let _ = c.ctr(&["containers", "rm", id]);
     }
     assert_clean(&c);
+}
+
+/// The thread of process `pid` named `name`.
+fn thread_named(pid: u32, name: &str) -> Option<u32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+        .find(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name))
+        .and_then(|t| t.file_name().to_str()?.parse().ok())
 }
 
 /// Waits until task `id` runs; panics with diagnostics after `timeout`.

@@ -75,6 +75,7 @@ pub struct AgentConfig {
     pub boot_timeout_secs: Option<u64>,
     pub boot_max_secs: Option<u64>,
     pub request_timeout_secs: Option<u64>,
+    pub kill_grace_secs: Option<u64>,
     pub log_level: String,
 }
 
@@ -84,6 +85,7 @@ impl Default for AgentConfig {
             boot_timeout_secs: None,
             boot_max_secs: None,
             request_timeout_secs: None,
+            kill_grace_secs: None,
             log_level: "info".into(),
         }
     }
@@ -98,6 +100,9 @@ pub struct AgentTimeouts {
     pub boot_max: Duration,
     /// One agent request (create, exec, ...).
     pub request: Duration,
+    /// How long a SIGKILL to the last process of a VM may go unanswered
+    /// before the VM is stopped and the exit reported anyway.
+    pub kill_grace: Duration,
 }
 
 impl AgentTimeouts {
@@ -107,6 +112,7 @@ impl AgentTimeouts {
         boot_stall: Duration::from_secs(30),
         boot_max: Duration::from_secs(120),
         request: Duration::from_secs(60),
+        kill_grace: Duration::from_secs(10),
     };
     /// Nested PVM: guest kernel code is emulated, and hosts of one kind
     /// differ 7x: a boot took 33 s on one and 247-300 s on another, a
@@ -116,6 +122,7 @@ impl AgentTimeouts {
         boot_stall: Duration::from_secs(600),
         boot_max: Duration::from_secs(3600),
         request: Duration::from_secs(1200),
+        kill_grace: Duration::from_secs(120),
     };
 }
 
@@ -134,6 +141,7 @@ impl AgentConfig {
             boot_stall,
             boot_max: secs(self.boot_max_secs, defaults.boot_max).max(boot_stall),
             request: secs(self.request_timeout_secs, defaults.request),
+            kill_grace: secs(self.kill_grace_secs, defaults.kill_grace),
         }
     }
 }

@@ -10,6 +10,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::activity::GuestActivity;
 use crate::bus::BusDevice;
+use crate::rate_limit::TokenBucket;
 
 /// Where the guest console goes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -40,11 +41,21 @@ const MAX_LINE: usize = 4096;
 /// Line-buffers console bytes. vm-superio flushes after every byte; writing
 /// per line keeps host syscalls (and log records) per line instead. Every
 /// line also goes to the VM's [`GuestActivity`], whatever the target.
+///
+/// The guest decides how much it prints: lines pass a token bucket
+/// ([`CONSOLE_LINES_PER_SEC`], bursts of [`CONSOLE_BURST`]); what it drops
+/// is counted and noted in the output once the guest is quiet again.
 pub struct ConsoleSink {
     target: SinkTarget,
     line: Vec<u8>,
     activity: Arc<GuestActivity>,
+    budget: TokenBucket,
 }
+
+/// Console lines per second a guest may put into the host's log or file.
+pub const CONSOLE_LINES_PER_SEC: f64 = 50.0;
+/// Lines a guest may print at once after a quiet spell (a boot's worth).
+pub const CONSOLE_BURST: f64 = 500.0;
 
 enum SinkTarget {
     Discard,
@@ -65,12 +76,29 @@ impl ConsoleSink {
             target,
             line: Vec::new(),
             activity,
+            budget: TokenBucket::new(CONSOLE_LINES_PER_SEC, CONSOLE_BURST),
         })
     }
 
     fn emit_line(&mut self) {
         self.activity
             .note_line("console", &String::from_utf8_lossy(&self.line));
+        if !self.budget.take_at(std::time::Instant::now()) {
+            self.line.clear();
+            return;
+        }
+        let dropped = self.budget.take_dropped();
+        if dropped > 0 {
+            let note =
+                format!("husk: {dropped} console lines dropped (over {CONSOLE_LINES_PER_SEC}/s)\n");
+            let line = std::mem::replace(&mut self.line, note.into_bytes());
+            self.write_target();
+            self.line = line;
+        }
+        self.write_target();
+    }
+
+    fn write_target(&mut self) {
         match &mut self.target {
             SinkTarget::Discard => {}
             SinkTarget::File(f) => {
@@ -170,6 +198,30 @@ mod tests {
         }
         // Drop flushes the partial line.
         assert_eq!(std::fs::read(&path).unwrap().len(), 6 + MAX_LINE + 17);
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn a_flooding_guest_gets_its_burst_then_the_rate() {
+        let path = std::env::temp_dir().join(format!("husk-flood-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        {
+            let sink =
+                ConsoleSink::open(&ConsoleOutput::File(path.clone()), Arc::default()).unwrap();
+            let mut dev = SerialDevice::new(EventFd::new(0).unwrap(), sink);
+            for _ in 0..5000 {
+                for b in b"flood\n" {
+                    dev.write(0, &[*b]);
+                }
+            }
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let kept = text.lines().filter(|l| *l == "flood").count();
+        // The burst, and what the rate refilled while the loop ran.
+        assert!(
+            (CONSOLE_BURST as usize..CONSOLE_BURST as usize + 100).contains(&kept),
+            "{kept} lines kept"
+        );
         std::fs::remove_file(&path).unwrap();
     }
 

@@ -24,8 +24,11 @@ use super::handshake::Handshake;
 use super::packet::*;
 use super::uds;
 
-/// Connections, pending host handshakes and draining streams, together.
-pub const MAX_CONNECTIONS: usize = 1024;
+/// Connections, pending host handshakes and draining streams, together. With
+/// each connection's host-side buffer ([`super::connection::TX_BUF_SIZE`])
+/// that bounds what a guest can make the VMM hold at 64 MiB, charged to the
+/// pod's cgroup; a pod's stdio streams and agent calls need a few dozen.
+pub const MAX_CONNECTIONS: usize = 256;
 /// RSTs for packets that match no connection, waiting for rx buffers.
 pub const MAX_PENDING_RST: usize = 1024;
 /// A host client must send its `CONNECT` line this soon after it is accepted.
