@@ -366,7 +366,51 @@ fn build_route(route: &Route, links: &[Link]) -> Result<RouteMessage> {
             .ok_or_else(|| Error::NotFound(format!("route device {:?} not found", route.device)))?;
         b = b.output_interface(link.index);
     }
+    if route.metric != 0 {
+        b = b.priority(route.metric);
+    }
+    if route.onlink {
+        b = b.onlink();
+    }
     Ok(b.build())
+}
+
+fn is_exists(e: &rtnetlink::Error) -> bool {
+    matches!(e, rtnetlink::Error::NetlinkError(e) if e.raw_code() == -libc::EEXIST)
+}
+
+/// Adds a route: exclusively, or appended beside routes of the same
+/// destination and metric (`ip route append`; the same route twice stays
+/// an error).
+async fn add_route(
+    handle: &Handle,
+    msg: RouteMessage,
+    append: bool,
+) -> Result<(), rtnetlink::Error> {
+    use futures_util::StreamExt;
+    use rtnetlink::packet_core::{
+        NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_EXCL,
+        NLM_F_REQUEST,
+    };
+    use rtnetlink::packet_route::RouteNetlinkMessage;
+    let mut req = NetlinkMessage::from(RouteNetlinkMessage::NewRoute(msg));
+    let how = if append { NLM_F_APPEND } else { NLM_F_EXCL };
+    req.header.flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | how;
+    let mut response = handle.clone().request(req)?;
+    while let Some(message) = response.next().await {
+        if let NetlinkPayload::Error(err) = message.payload {
+            return Err(rtnetlink::Error::NetlinkError(err));
+        }
+    }
+    Ok(())
+}
+
+/// The order to add routes in: those without a gateway first, so that a
+/// gateway route finds its connected route already there.
+fn add_order(routes: &[Route]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..routes.len()).collect();
+    order.sort_by_key(|&i| !routes[i].gateway.is_empty());
+    order
 }
 
 pub async fn update_routes(routes: &[Route]) -> Result<Vec<Route>> {
@@ -388,13 +432,24 @@ pub async fn update_routes(routes: &[Route]) -> Result<Vec<Route>> {
             .await
             .map_err(nl_error("remove a route"))?;
     }
-    for (msg, route) in wanted.into_iter().zip(routes) {
-        handle
-            .route()
-            .add(msg)
-            .execute()
-            .await
-            .map_err(nl_error(format!("add route to {:?}", route.dest)))?;
+    let mut wanted: Vec<Option<RouteMessage>> = wanted.into_iter().map(Some).collect();
+    for i in add_order(routes) {
+        let (Some(msg), route) = (wanted[i].take(), &routes[i]) else {
+            continue;
+        };
+        let added = match add_route(&handle, msg.clone(), false).await {
+            // A route to the same destination and metric exists: typically
+            // the subnet's connected route the kernel made with the address,
+            // which CNI's own route to the subnet via the gateway sits
+            // beside in the pod's netns. Appended, both are there as in the
+            // pod; the very same route again is not an error either.
+            Err(e) if is_exists(&e) => match add_route(&handle, msg, true).await {
+                Err(e) if is_exists(&e) => Ok(()),
+                other => other,
+            },
+            other => other,
+        };
+        added.map_err(nl_error(format!("add route to {:?}", route.dest)))?;
     }
     list_routes().await
 }
@@ -417,6 +472,38 @@ mod tests {
         ] {
             assert!(parse_mac(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn connected_routes_go_before_gateway_routes() {
+        let route = |dest: &str, gw: &str| {
+            let mut r = Route::new();
+            r.dest = dest.into();
+            r.gateway = gw.into();
+            r
+        };
+        let routes = [
+            route("", "10.0.0.1"),
+            route("10.0.0.0/24", ""),
+            route("10.1.0.0/16", "10.0.0.1"),
+            route("169.254.1.1/32", ""),
+        ];
+        assert_eq!(add_order(&routes), [1, 3, 0, 2]);
+    }
+
+    #[test]
+    fn metric_and_onlink_are_carried() {
+        let mut r = Route::new();
+        r.dest = "10.0.0.0/24".into();
+        r.gateway = "169.254.1.1".into();
+        r.metric = 100;
+        r.onlink = true;
+        let msg = build_route(&r, &[]).unwrap();
+        assert!(msg.attributes.contains(&RouteAttribute::Priority(100)));
+        assert!(msg
+            .header
+            .flags
+            .contains(rtnetlink::packet_route::route::RouteFlags::Onlink));
     }
 
     #[test]

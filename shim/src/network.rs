@@ -15,7 +15,7 @@ use husk_protocol::agent::{Interface, IpAddress, Route};
 use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
 use rtnetlink::packet_route::route::{
-    RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteType,
+    RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteProtocol, RouteType,
 };
 use rtnetlink::{Handle, RouteMessageBuilder};
 
@@ -164,6 +164,7 @@ fn route_for_guest(msg: &RouteMessage, links: &[Link]) -> Option<Route> {
             RouteAttribute::Destination(a) => dest = route_ip(a),
             RouteAttribute::Gateway(a) => route.gateway = route_ip(a)?.to_string(),
             RouteAttribute::PrefSource(a) => route.source = route_ip(a)?.to_string(),
+            RouteAttribute::Priority(metric) => route.metric = *metric,
             RouteAttribute::Oif(index) => {
                 let link = links.iter().find(|l| l.index == *index)?;
                 if !is_pod_interface(link) {
@@ -177,6 +178,7 @@ fn route_for_guest(msg: &RouteMessage, links: &[Link]) -> Option<Route> {
     if let Some(dest) = dest {
         route.dest = format!("{dest}/{}", msg.header.destination_prefix_length);
     }
+    route.onlink = msg.header.flags.contains(RouteFlags::Onlink);
     Some(route)
 }
 

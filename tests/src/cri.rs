@@ -224,7 +224,10 @@ fn conflist(name: &str, ipam_dir: &Path) -> String {
                 "ipam": {
                     "type": "host-local",
                     "ranges": [[{"subnet": POD_SUBNET}]],
-                    "routes": [{"dst": "0.0.0.0/0"}],
+                    // The subnet's own route too, a common config: the pod
+                    // netns then has it via the gateway beside the kernel's
+                    // connected route.
+                    "routes": [{"dst": "0.0.0.0/0"}, {"dst": POD_SUBNET}],
                     // Leases stay in the test's temp dir, not /var/lib/cni.
                     "dataDir": ipam_dir,
                 }
