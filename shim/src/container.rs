@@ -216,7 +216,10 @@ impl Shim {
             // The task that booted the VM failed: nothing else runs in it,
             // and a VM left running would burn a core until Shutdown.
             tracing::warn!(sandbox = self.sandbox_id, "create failed: stopping the VM");
-            sandbox.shutdown().await;
+            // On a task of its own, so a Create cancelled at its deadline
+            // still stops it; otherwise the error returns once it is down.
+            let sandbox = sandbox.clone();
+            let _ = tokio::spawn(async move { sandbox.shutdown().await }).await;
         }
         created
     }

@@ -261,7 +261,12 @@ impl Task for TaskService {
         // the whole pod, so it stops only when no container is left.
         if self.shim.container_count() == 0 {
             tracing::info!("shutdown: no tasks left, stopping the VM");
-            self.shim.shutdown().await;
+            // On a task of its own: the ttrpc server drops this handler at
+            // the request's deadline (containerd gives Shutdown seconds),
+            // and a teardown cut off there would leave the VM running and
+            // the shim alive. It ends with the shim's exit.
+            let shim = self.shim.clone();
+            let _ = tokio::spawn(async move { shim.shutdown().await }).await;
         }
         Ok(Empty::new())
     }

@@ -188,7 +188,10 @@ fn contained(cri: &Cri, pod: &Pod, pod_cgroup: &PodCgroup, clock: &mut Clock) {
     // Guest text does not flood the node: the container writes to the
     // guest console in a loop; what reaches the host's console output stays
     // within husk's per-VM budget, and the task API keeps answering.
-    let flood = "timeout 15 sh -c 'while :; do echo flood-flood-flood; done > /dev/console'; \
+    // The serial port's own device node (ttyS0 is 4:64): a container's
+    // /dev/console is not the guest's.
+    let flood = "mknod /dev/husk-serial c 4 64 || exit 9; \
+                 timeout 15 sh -c 'while :; do echo flood-flood-flood; done > /dev/husk-serial'; \
                  echo done";
     let flood_started = Instant::now();
     assert_eq!(cri.exec_ok(&hog, &["sh", "-c", flood]), "done\n");
