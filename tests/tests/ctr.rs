@@ -321,7 +321,9 @@ fn long_running_tasks_tty_exec_pause_metrics_signals_and_a_crashed_shim() {
             "long1",
             "sh",
             "-c",
-            "trap 'exit 42' TERM; echo ready; sleep 2147483647 & wait",
+            // The sleep must not hold the exec's stdout: its exit is
+            // reported once all of its output is delivered.
+            "trap 'exit 42' TERM; echo ready; sleep 2147483647 >/dev/null 2>&1 & wait",
         ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
