@@ -381,3 +381,42 @@ fn boot_qemu(
         report: None,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// A stand-in for qemu that aborts, as on the AMD host, when the CPU
+    /// model keeps ARCH_CAPABILITIES, and otherwise runs until killed.
+    fn fake_qemu(dir: &Path) -> PathBuf {
+        let path = dir.join("qemu");
+        std::fs::write(
+            &path,
+            "#!/bin/sh\ncase \"$*\" in *-arch-capabilities*) exec sleep 60;; esac\n\
+             echo 'failed to set MSR 0x10a to 0x69' >&2; exit 134\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    #[test]
+    fn the_cpu_model_probe_falls_back_where_qemu_aborts() {
+        let dir = tempfile::tempdir().unwrap();
+        let qemu = fake_qemu(dir.path());
+        assert_eq!(
+            qemu_cpu_model(&qemu, HostProfile::NestedPvm).unwrap(),
+            "host,-cx16,-arch-capabilities"
+        );
+        assert_eq!(
+            qemu_cpu_model(&qemu, HostProfile::Native).unwrap(),
+            "host,-arch-capabilities"
+        );
+        let never = dir.path().join("never");
+        std::fs::write(&never, "#!/bin/sh\necho refused >&2; exit 1\n").unwrap();
+        std::fs::set_permissions(&never, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let e = qemu_cpu_model(&never, HostProfile::Native).unwrap_err();
+        assert!(e.contains("refused"), "{e}");
+    }
+}
