@@ -29,7 +29,7 @@ export HUSK_VMM := $(abspath $(VMM))
 export HUSK_SHIM_DIR := $(abspath $(dir $(SHIM)))
 export HUSK_GUEST_PROBE := $(abspath $(GUEST_PROBE))
 
-.PHONY: setup build guest guest-test kernel agent initrd vmm shim demo install installer-image test test-unit test-vm lint fmt bench bench-boot bench-start fuzz clean
+.PHONY: setup toolchain build guest guest-test kernel agent initrd vmm shim demo install installer-image test test-unit test-vm lint fmt bench bench-boot bench-start fuzz clean
 
 build: guest vmm shim
 
@@ -38,13 +38,18 @@ build: guest vmm shim
 setup:
 	scripts/setup-host.sh
 
+## Only the Rust toolchain rust-toolchain.toml pins (no packages, no root):
+## every target that runs cargo needs it first.
+toolchain:
+	scripts/setup-host.sh --toolchain
+
 ## Guest image: kernel (cached outside the repo, see scripts/build-kernel.sh) + initramfs.
 guest: kernel initrd
 
 kernel:
 	scripts/build-kernel.sh $(KERNEL)
 
-agent:
+agent: | toolchain
 	$(AGENT_ENV) $(CARGO) build --profile agent --target $(HOST_TARGET) -p husk-agent
 
 initrd: agent
@@ -53,17 +58,17 @@ initrd: agent
 ## The guest image plus a busybox rootfs at /testdata/busybox in the
 ## initramfs, for the container tests in tests/tests/agent_vm.rs (until
 ## virtio-fs brings container rootfses in). initrd.cpio itself stays lean.
-guest-test: kernel agent
+guest-test: kernel agent | toolchain
 	$(AGENT_ENV) $(CARGO) build --profile agent --target $(HOST_TARGET) -p husk-guest-probe
 	rm -rf $(TEST_EXTRA)
 	scripts/busybox-rootfs.sh $(TEST_EXTRA)/testdata/busybox
 	scripts/build-initrd.sh $(AGENT) $(TEST_INITRD) $(TEST_EXTRA)
 
-vmm:
+vmm: | toolchain
 	$(CARGO) build --release -p husk-hypervisor --bin husk-vmm
 
 ## containerd-shim-husk-v2 and the `husk` admin tool.
-shim:
+shim: | toolchain
 	$(CARGO) build --release -p husk-shim
 
 ## Start a private containerd, import a small local image and run a container
@@ -97,7 +102,7 @@ installer-image: build
 test: setup
 	$(MAKE) guest lint test-unit test-vm
 
-test-unit:
+test-unit: | toolchain
 	$(CARGO) test --workspace --exclude husk-tests
 
 ## Every guest boot is counted (scripts/boot-summary.sh): the suite must fit
@@ -109,17 +114,17 @@ test-vm: guest guest-test vmm shim
 	HUSK_BOOT_LEDGER=$(BOOT_LEDGER) $(CARGO) test -p husk-tests -- --test-threads=1; \
 		status=$$?; scripts/boot-summary.sh $(BOOT_LEDGER) $(BOOT_BUDGET) || status=1; exit $$status
 
-lint:
+lint: | toolchain
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-fmt:
+fmt: | toolchain
 	$(CARGO) fmt --all
 
 bench: bench-boot bench-start
 
 ## Boot-to-agent-ready: husk-vmm vs qemu microvm, same kernel and initramfs.
-bench-boot: build
+bench-boot: build | toolchain
 	$(CARGO) build --release -p husk-tests --bin husk-bench
 	target/release/husk-bench boot --kernel $(KERNEL) --initrd $(INITRD) \
 		--vmm $(VMM) --runs $${RUNS:-5} --out bench/results/boot.json
@@ -130,11 +135,11 @@ fuzz:
 	cd fuzz && for t in $(FUZZ_TARGETS); do \
 		cargo +nightly fuzz run $$t -- -jobs=1 -max_total_time=$${FUZZ_SECONDS:-60} || exit 1; done
 
-clean:
+clean: | toolchain
 	$(CARGO) clean
 	rm -rf build
 
 ## `ctr run --rm` latency, husk vs runc, and the shim's memory per container.
-bench-start: build
+bench-start: build | toolchain
 	$(CARGO) build --release -p husk-tests --bin husk-bench
 	target/release/husk-bench start --runs $${RUNS:-5} --out bench/results/start.json
