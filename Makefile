@@ -65,7 +65,7 @@ guest-test: kernel agent | toolchain
 	scripts/build-initrd.sh $(AGENT) $(TEST_INITRD) $(TEST_EXTRA)
 
 vmm: | toolchain
-	$(CARGO) build --release -p husk-hypervisor --bin husk-vmm
+	$(CARGO) build --release -p husk-vmm
 
 ## containerd-shim-husk-v2 and the `husk` admin tool.
 shim: | toolchain
