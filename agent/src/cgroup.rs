@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use husk_protocol::agent::{ContainerStats, CpuStats, IoDeviceStats, MemoryStats, PidsStats};
+use husk_util::sync::lock;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::io::unix::AsyncFd;
@@ -191,10 +192,6 @@ impl OomEvents {
             added.await;
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Reports every increase of `oom_kill` in the cgroup's memory.events as an

@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use husk_protocol::agent::{
@@ -38,6 +38,7 @@ use crate::reaper::{ExitStatus, Reaper};
 use crate::spec;
 use crate::stdio::{self, ChildStdio, PendingIo, ProcessIo, Requested};
 use crate::workload::HuskExecutor;
+use husk_util::sync::lock;
 
 /// cgroup (under the cgroup2 root) that holds every container's cgroup.
 pub const CGROUP_PARENT: &str = "husk";
@@ -98,10 +99,6 @@ pub struct Container {
     execs: Mutex<HashMap<String, Slot<Process>>>,
     storages: Vec<PathBuf>,
     oom_watch: tokio::task::JoinHandle<()>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Container {

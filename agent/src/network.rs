@@ -7,12 +7,11 @@ use std::net::IpAddr;
 
 use futures_util::TryStreamExt;
 use husk_protocol::agent::{Interface, IpAddress, Route};
-use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
-use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
-use rtnetlink::packet_route::route::{
-    RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope,
+use husk_util::netlink::{
+    self as nl, address_of, links, mac_string, route_ip, Link, LinkChange, LinkKey, NetlinkError,
 };
-use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
+use rtnetlink::packet_route::route::{RouteAttribute, RouteMessage, RouteProtocol, RouteScope};
+use rtnetlink::{Handle, RouteMessageBuilder};
 
 use crate::error::{Error, Result};
 
@@ -22,35 +21,23 @@ fn nl_error(what: impl std::fmt::Display) -> impl FnOnce(rtnetlink::Error) -> Er
     move |e| Error::Internal(format!("{what}: {e}"))
 }
 
-/// A netlink connection for one request (its task ends with the handle).
-fn connect() -> Result<Handle> {
-    let (connection, handle, _) =
-        rtnetlink::new_connection().map_err(|e| Error::Internal(format!("netlink socket: {e}")))?;
-    tokio::spawn(connection);
-    Ok(handle)
+impl From<NetlinkError> for Error {
+    fn from(e: NetlinkError) -> Error {
+        match e {
+            NetlinkError::NoSuchLink(_) => Error::NotFound(e.to_string()),
+            other => Error::Internal(other.to_string()),
+        }
+    }
 }
 
-fn mac_to_string(mac: &[u8]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
+/// A netlink connection for one request (its task ends with the handle).
+fn connect() -> Result<Handle> {
+    Ok(nl::connect()?)
 }
 
 /// "aa:bb:cc:dd:ee:ff" → bytes.
-pub fn parse_mac(text: &str) -> Result<Vec<u8>> {
-    let bytes: Option<Vec<u8>> = text
-        .split(':')
-        .map(|b| {
-            (b.len() == 2)
-                .then(|| u8::from_str_radix(b, 16).ok())
-                .flatten()
-        })
-        .collect();
-    match bytes {
-        Some(b) if b.len() == 6 => Ok(b),
-        _ => Err(Error::InvalidArgument(format!("bad MAC address {text:?}"))),
-    }
+pub fn parse_mac(text: &str) -> Result<[u8; 6]> {
+    nl::parse_mac(text).ok_or_else(|| Error::InvalidArgument(format!("bad MAC address {text:?}")))
 }
 
 fn parse_ip(text: &str, what: &str) -> Result<IpAddr> {
@@ -58,75 +45,13 @@ fn parse_ip(text: &str, what: &str) -> Result<IpAddr> {
         .map_err(|_| Error::InvalidArgument(format!("bad {what} {text:?}")))
 }
 
-struct Link {
-    index: u32,
-    name: String,
-    mac: Vec<u8>,
-    mtu: u32,
-    up: bool,
-}
-
-fn link_of(msg: &LinkMessage) -> Link {
-    let mut link = Link {
-        index: msg.header.index,
-        name: String::new(),
-        mac: Vec::new(),
-        mtu: 0,
-        up: msg.header.flags.contains(LinkFlags::Up),
-    };
-    for attr in &msg.attributes {
-        match attr {
-            LinkAttribute::IfName(n) => link.name = n.clone(),
-            LinkAttribute::Address(a) => link.mac = a.clone(),
-            LinkAttribute::Mtu(m) => link.mtu = *m,
-            _ => {}
-        }
-    }
-    link
-}
-
-async fn links(handle: &Handle) -> Result<Vec<Link>> {
-    let msgs: Vec<LinkMessage> = handle
-        .link()
-        .get()
-        .execute()
-        .try_collect()
-        .await
-        .map_err(nl_error("list links"))?;
-    Ok(msgs.iter().map(link_of).collect())
-}
-
-fn address_of(msg: &AddressMessage) -> Option<IpAddr> {
-    let mut address = None;
-    for attr in &msg.attributes {
-        match attr {
-            // For IPv4, Local is the interface's own address.
-            AddressAttribute::Local(ip) => return Some(*ip),
-            AddressAttribute::Address(ip) => address = Some(*ip),
-            _ => {}
-        }
-    }
-    address
-}
-
-async fn addresses(handle: &Handle, index: u32) -> Result<Vec<AddressMessage>> {
-    handle
-        .address()
-        .get()
-        .set_link_index_filter(index)
-        .execute()
-        .try_collect()
-        .await
-        .map_err(nl_error(format!("list addresses of link {index}")))
-}
-
 async fn interface(handle: &Handle, link: &Link) -> Result<Interface> {
     let mut out = Interface::new();
     out.name = link.name.clone();
-    out.hw_addr = mac_to_string(&link.mac);
+    out.hw_addr = mac_string(&link.mac);
     out.mtu = link.mtu;
     out.up = link.up;
-    for msg in addresses(handle, link.index).await? {
+    for msg in nl::addresses(handle, link.index).await? {
         if let Some(ip) = address_of(&msg) {
             let mut a = IpAddress::new();
             a.address = ip.to_string();
@@ -149,17 +74,10 @@ pub async fn list_interfaces() -> Result<Vec<Interface>> {
 /// Brings `lo` up.
 pub async fn loopback_up() -> Result<()> {
     let handle = connect()?;
-    let lo = links(&handle)
-        .await?
-        .into_iter()
-        .find(|l| l.name == "lo")
-        .ok_or_else(|| Error::Internal("no lo interface".into()))?;
-    handle
-        .link()
-        .set(LinkUnspec::new_with_index(lo.index).up().build())
-        .execute()
+    let lo = nl::link(&handle, LinkKey::Name("lo"))
         .await
-        .map_err(nl_error("set lo up"))
+        .map_err(|e| Error::Internal(e.to_string()))?;
+    Ok(nl::set_up(&handle, lo.index, "lo").await?)
 }
 
 pub async fn update_interface(want: &Interface) -> Result<Interface> {
@@ -179,40 +97,22 @@ pub async fn update_interface(want: &Interface) -> Result<Interface> {
         new_addresses.push((ip, prefix));
     }
     let handle = connect()?;
-    let link = links(&handle)
-        .await?
-        .into_iter()
-        .find(|l| match &mac {
-            Some(mac) => &l.mac == mac,
-            None => l.name == want.name,
-        })
-        .ok_or_else(|| {
-            Error::NotFound(format!(
-                "no interface with {}",
-                if mac.is_some() {
-                    format!("MAC {}", want.hw_addr)
-                } else {
-                    format!("name {:?}", want.name)
-                }
-            ))
-        })?;
+    let key = match &mac {
+        Some(mac) => LinkKey::Mac(mac),
+        None => LinkKey::Name(&want.name),
+    };
+    let link = nl::link(&handle, key).await?;
     let what = format!("interface {}", link.name);
 
     // Down first: a rename needs it, and addresses go on before it is up.
-    let mut msg = LinkUnspec::new_with_index(link.index).down();
-    if !want.name.is_empty() && want.name != link.name {
-        msg = msg.name(want.name.clone());
-    }
-    if want.mtu != 0 {
-        msg = msg.mtu(want.mtu);
-    }
-    handle
-        .link()
-        .set(msg.build())
-        .execute()
-        .await
-        .map_err(nl_error(format!("configure {what}")))?;
-    for old in addresses(&handle, link.index).await? {
+    let change = LinkChange {
+        up: Some(false),
+        name: (!want.name.is_empty() && want.name != link.name).then(|| want.name.clone()),
+        mtu: (want.mtu != 0).then_some(want.mtu),
+        mac: None,
+    };
+    nl::set_link(&handle, link.index, change, &what).await?;
+    for old in nl::addresses(&handle, link.index).await? {
         handle
             .address()
             .del(old)
@@ -229,18 +129,11 @@ pub async fn update_interface(want: &Interface) -> Result<Interface> {
             .map_err(nl_error(format!("add {ip}/{prefix} to {what}")))?;
     }
     if want.up {
-        handle
-            .link()
-            .set(LinkUnspec::new_with_index(link.index).up().build())
-            .execute()
-            .await
-            .map_err(nl_error(format!("set {what} up")))?;
+        nl::set_up(&handle, link.index, &what).await?;
     }
-    let now = links(&handle)
-        .await?
-        .into_iter()
-        .find(|l| l.index == link.index)
-        .ok_or_else(|| Error::Internal(format!("{what} disappeared")))?;
+    let now = nl::link(&handle, LinkKey::Index(link.index))
+        .await
+        .map_err(|e| Error::Internal(format!("{what}: {e}")))?;
     interface(&handle, &now).await
 }
 
@@ -264,14 +157,6 @@ async fn route_messages(handle: &Handle) -> Result<Vec<RouteMessage>> {
         .into_iter()
         .filter(|m| m.header.table == MAIN_TABLE)
         .collect())
-}
-
-fn route_ip(a: &RouteAddress) -> Option<IpAddr> {
-    match a {
-        RouteAddress::Inet(ip) => Some(IpAddr::V4(*ip)),
-        RouteAddress::Inet6(ip) => Some(IpAddr::V6(*ip)),
-        _ => None,
-    }
 }
 
 fn route_of(msg: &RouteMessage, names: &[(u32, String)]) -> Route {
@@ -462,7 +347,7 @@ mod tests {
     fn macs_parse_and_print() {
         let mac = parse_mac("02:42:ac:11:00:02").unwrap();
         assert_eq!(mac, [2, 0x42, 0xac, 0x11, 0, 2]);
-        assert_eq!(mac_to_string(&mac), "02:42:ac:11:00:02");
+        assert_eq!(mac_string(&mac), "02:42:ac:11:00:02");
         for bad in [
             "",
             "02:42",

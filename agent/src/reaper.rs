@@ -19,6 +19,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use husk_util::sync::lock;
 use nix::errno::Errno;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
@@ -148,12 +149,6 @@ impl Reaper {
             }
         }
     }
-}
-
-/// The table stays consistent even if a holder panicked (it only inserts
-/// or removes whole entries), so a poisoned lock is still usable.
-fn lock(m: &Mutex<Table>) -> MutexGuard<'_, Table> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ use husk_protocol::agent::{CreateSandboxRequest, GuestDetails};
 
 use crate::error::{check_id, Error, Result};
 use crate::{cgroup, mounts, network};
+use husk_util::sync::lock;
 
 struct Created {
     id: String,
@@ -18,10 +19,6 @@ struct Created {
 pub struct Sandbox {
     dir: PathBuf,
     created: Mutex<Option<Created>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Sandbox {

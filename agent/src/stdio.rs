@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use husk_protocol::stdio::StdioKind;
+use husk_util::sync::lock;
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -227,10 +228,6 @@ pub struct ProcessIo {
     /// Output streams that must reach EOF before the exit is reported.
     expected: usize,
     done: watch::Sender<usize>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl ProcessIo {

@@ -88,9 +88,7 @@ impl Bus {
 /// Locks a device mutex. A device whose lock was poisoned (a panic while it was
 /// held) is still used: devices keep no invariants across a single access
 /// that a panic could break worse than stopping the VM would.
-pub fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
+pub use husk_util::sync::lock;
 
 #[cfg(test)]
 mod tests {

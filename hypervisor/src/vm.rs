@@ -577,7 +577,7 @@ impl Vm {
     }
 }
 
-impl husk_vsock::GuestWatch for Vm {
+impl husk_util::guest::GuestWatch for Vm {
     fn progress(&self) -> u64 {
         Vm::progress(self)
     }

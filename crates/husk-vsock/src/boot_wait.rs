@@ -14,16 +14,7 @@ use crate::client::agent_client;
 /// How often the wait looks at the guest's progress.
 const POLL: Duration = Duration::from_millis(250);
 
-/// What a waiter can learn about a booting guest (the VM implements it).
-pub trait GuestWatch {
-    /// A count of the guest's signs of life that only grows while the
-    /// guest makes progress.
-    fn progress(&self) -> u64;
-    /// Why the VM ended, if it did.
-    fn ended(&self) -> Option<String>;
-    /// What the guest is doing now, for an error message.
-    fn describe(&self) -> String;
-}
+pub use husk_util::guest::GuestWatch;
 
 /// When to give up on a boot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
