@@ -36,8 +36,16 @@ impl VirtioDevice for Checker {
         data.fill(0x5a);
     }
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    fn is_active(&self) -> bool {
+        self.active
+    }
+    /// Not the default: a second activation without a reset is a bug of
+    /// the transport, not something to refuse.
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
         assert!(!self.active, "activated twice without a reset");
+        self.start(ctx)
+    }
+    fn start(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
         assert_eq!(ctx.acked_features & !FEATURES, 0);
         assert_ne!(ctx.acked_features & VIRTIO_F_VERSION_1, 0);
         assert!(ctx.queues.len() <= 3);

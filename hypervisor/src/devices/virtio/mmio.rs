@@ -533,7 +533,11 @@ mod tests {
             }
         }
         fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
-        fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        /// Never: the fake takes every activation, and the tests count them.
+        fn is_active(&self) -> bool {
+            false
+        }
+        fn start(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
             if self.fail {
                 return Err(ActivateError::AlreadyActive);
             }

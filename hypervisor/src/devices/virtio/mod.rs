@@ -8,10 +8,18 @@
 pub mod fs;
 pub mod mmio;
 pub mod net;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod test_utils;
 pub mod vsock;
+pub mod worker;
+
+pub use worker::DeviceWorker;
 
 use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
+
+use tracing::warn;
 
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
@@ -124,101 +132,43 @@ pub fn take_queues<const N: usize>(
         .map_err(|_| ActivateError::QueueCount { want: N, got })
 }
 
-/// A device's worker thread and the eventfd that tells it to stop.
-#[derive(Debug)]
-pub struct DeviceWorker {
-    name: String,
-    kill: EventFd,
-    thread: std::thread::JoinHandle<()>,
-    tid: i32,
-}
-
-impl DeviceWorker {
-    /// A kill eventfd for [`DeviceWorker::spawn`] and the clone the worker
-    /// polls.
-    pub fn kill_eventfds() -> Result<(EventFd, EventFd), ActivateError> {
-        let kill =
-            EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).map_err(ActivateError::Worker)?;
-        let worker_side = kill.try_clone().map_err(ActivateError::Worker)?;
-        Ok((kill, worker_side))
-    }
-
-    /// Starts thread `name`: it runs `setup` first (a failure fails the
-    /// start, and `run` never runs), then `run` until the worker sees `kill`.
-    pub fn spawn(
-        name: &str,
-        kill: EventFd,
-        setup: impl FnOnce() -> io::Result<()> + Send + 'static,
-        run: impl FnOnce() + Send + 'static,
-    ) -> Result<Self, ActivateError> {
-        let (started_tx, started_rx) = std::sync::mpsc::sync_channel(1);
-        let thread = std::thread::Builder::new()
-            .name(name.into())
-            .spawn(move || {
-                let started = setup().map(|()| {
-                    // SAFETY: gettid() has no preconditions.
-                    unsafe { libc::gettid() }
-                });
-                let ok = started.is_ok();
-                let _ = started_tx.send(started);
-                if ok {
-                    run();
-                }
-            })
-            .map_err(ActivateError::Worker)?;
-        let tid = match started_rx.recv() {
-            Ok(Ok(tid)) => tid,
-            Ok(Err(e)) => {
-                let _ = thread.join();
-                return Err(ActivateError::Worker(e));
-            }
-            Err(_) => {
-                let _ = thread.join();
-                return Err(ActivateError::Worker(io::Error::other(format!(
-                    "{name} exited before starting"
-                ))));
-            }
-        };
-        Ok(Self {
-            name: name.into(),
-            kill,
-            thread,
-            tid,
-        })
-    }
-
-    /// The worker thread's id (for /proc/self/task/<tid>).
-    pub fn tid(&self) -> i32 {
-        self.tid
-    }
-
-    /// Tells the worker to stop and waits for it. If the eventfd cannot be
-    /// written the thread is left behind rather than hanging the VMM.
-    pub fn stop(self) {
-        if let Err(e) = self.kill.write(1) {
-            tracing::error!("{}: cannot stop the worker: {e}", self.name);
-            return;
-        }
-        if self.thread.join().is_err() {
-            tracing::error!("{}: worker panicked", self.name);
-        }
-    }
-}
-
 /// The one trait every virtio device implements (Firecracker's shape).
 pub trait VirtioDevice: Send {
     /// Virtio device ID (e.g. 19 for vsock).
     fn device_type(&self) -> u32;
+    /// Prefix of the device's log lines ("virtio-net").
+    fn name(&self) -> &'static str {
+        "virtio"
+    }
     /// Maximum size of each queue; the slice's length is the number of queues.
     fn queue_max_sizes(&self) -> &[u16];
     /// Feature bits offered to the driver (VIRTIO_F_VERSION_1 included).
     fn avail_features(&self) -> u64;
     /// Reads the device-specific configuration space. Out-of-range bytes read as 0.
     fn read_config(&self, offset: u64, data: &mut [u8]);
-    /// Writes the device-specific configuration space. Out-of-range writes are ignored.
-    fn write_config(&mut self, offset: u64, data: &[u8]);
-    /// Starts the device (DRIVER_OK). Typically spawns the device's worker.
-    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError>;
+    /// Writes the device-specific configuration space. Out-of-range writes
+    /// are ignored. By default the configuration space is read-only: the
+    /// write is logged and dropped.
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        warn!(
+            offset,
+            len = data.len(),
+            "{}: guest wrote the read-only config space",
+            self.name()
+        );
+    }
+    /// Whether the device was started and not reset since.
+    fn is_active(&self) -> bool;
+    /// Starts the device; [`VirtioDevice::activate`] calls it only while
+    /// the device is not active. Typically spawns the device's worker.
+    fn start(&mut self, ctx: ActivateContext) -> Result<(), ActivateError>;
+    /// Starts the device (DRIVER_OK), unless it is already active.
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        if self.is_active() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        self.start(ctx)
+    }
     /// Stops the device's worker and drops the queues (driver reset or VM
     /// teardown). When it returns, no thread of the device is running.
     fn reset(&mut self);

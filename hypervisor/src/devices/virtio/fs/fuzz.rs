@@ -17,22 +17,18 @@
 //! ```
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 
 use fuse_backend_rs::api::filesystem::{FileSystem, FsOptions as FuseOptions};
-use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::worker::{Worker, HIPRIO, REQUEST};
 use super::{build_fs, CachePolicy, FsOptions};
-use crate::devices::virtio::{ActiveQueue, Interrupt};
-
-/// Guest memory: one region at 0 holding everything, and a small second
-/// region after a hole so buffers can straddle or miss regions.
-pub const MEM_SIZE: usize = 0x1_0000;
-const MEM2_BASE: u64 = 0x2_0000;
-const MEM2_SIZE: usize = 0x1000;
+use crate::devices::virtio::test_utils::{
+    active, desc, fuzz_input, fuzz_memory, interrupt, queue, FUZZ_MEM_SIZE as MEM_SIZE,
+};
+use crate::devices::virtio::worker::EventLoop;
 
 /// Fixed queue layout (max queue size 64).
 pub const QMAX: u16 = 64;
@@ -126,23 +122,6 @@ fn reset_tree(dir: &Path) {
     std::os::unix::fs::symlink("../..", dir.join("sub/up")).expect("fuzz tree");
 }
 
-fn queue(size: u16, desc: u64, avail: u64, used: u64) -> Queue {
-    let mut q = Queue::new(QMAX).expect("valid max size");
-    q.set_size(size);
-    q.set_desc_table_address(Some(desc as u32), Some(0));
-    q.set_avail_ring_address(Some(avail as u32), Some(0));
-    q.set_used_ring_address(Some(used as u32), Some(0));
-    q.set_ready(true);
-    q
-}
-
-fn active(q: Queue) -> ActiveQueue {
-    ActiveQueue {
-        queue: q,
-        notify: EventFd::new(EFD_NONBLOCK).expect("eventfd"),
-    }
-}
-
 /// What one input did (lets the unit tests check the seeds do what they claim).
 #[derive(Debug, Default)]
 pub struct Outcome {
@@ -170,13 +149,7 @@ pub fn fuzz_requests(data: &[u8]) -> Outcome {
     let (prefix, image) = data.split_at(PREFIX);
     let s = share();
     reset_tree(&s.dir);
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[
-        (GuestAddress(0), MEM_SIZE),
-        (GuestAddress(MEM2_BASE), MEM2_SIZE),
-    ])
-    .expect("guest memory");
-    let image = &image[..image.len().min(MEM_SIZE)];
-    mem.write_slice(image, GuestAddress(0)).expect("image fits");
+    let mem = fuzz_memory(image);
 
     let hiprio_size = 1u16 << ((prefix[0] & 7) % 7);
     let req_size = 1u16 << (((prefix[0] >> 4) & 7) % 7);
@@ -192,19 +165,25 @@ pub fn fuzz_requests(data: &[u8]) -> Outcome {
         max_host_fds: Some(4 + u64::from(prefix[2])),
     };
     let fs = build_fs(&s.dir, &options).expect("passthrough fs");
-    let interrupt = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).expect("irqfd")));
     let queues = [
-        active(queue(hiprio_size, HIPRIO_DESC, HIPRIO_AVAIL, HIPRIO_USED)),
-        active(queue(req_size, REQ_DESC, REQ_AVAIL, REQ_USED)),
+        active(queue(
+            QMAX,
+            hiprio_size,
+            HIPRIO_DESC,
+            HIPRIO_AVAIL,
+            HIPRIO_USED,
+        )),
+        active(queue(QMAX, req_size, REQ_DESC, REQ_AVAIL, REQ_USED)),
     ];
+    let worker = Worker::new(mem.clone(), queues, interrupt(), fs).expect("worker");
     let kill = EventFd::new(EFD_NONBLOCK).expect("kill eventfd");
-    let mut worker = Worker::new(mem.clone(), queues, interrupt, kill, fs).expect("worker");
+    let mut worker = EventLoop::new(worker, kill).expect("event loop");
     if prefix[1] & 2 != 0 {
-        let _ = worker.fs().init(FuseOptions::empty());
+        let _ = worker.handler().fs().init(FuseOptions::empty());
     }
     // Both queues start pending; a second round finds nothing new.
     for _ in 0..2 {
-        worker.step(0);
+        worker.step_nowait();
     }
 
     for (q, desc, used_ring, size) in [
@@ -577,20 +556,5 @@ fn image(prefix: [u8; PREFIX], hiprio: &[Request], request: &[Request]) -> Vec<u
         }
         put(avail + 2, &(reqs.len() as u16).to_le_bytes());
     }
-    let mut input = prefix.to_vec();
-    input.extend_from_slice(&mem);
-    // Memory starts zeroed: trailing zeros carry nothing.
-    while input.len() > PREFIX && input.last() == Some(&0) {
-        input.pop();
-    }
-    input
-}
-
-fn desc(addr: u64, len: u32, flags: u16, next: u16) -> [u8; 16] {
-    let mut d = [0u8; 16];
-    d[0..8].copy_from_slice(&addr.to_le_bytes());
-    d[8..12].copy_from_slice(&len.to_le_bytes());
-    d[12..14].copy_from_slice(&flags.to_le_bytes());
-    d[14..16].copy_from_slice(&next.to_le_bytes());
-    d
+    fuzz_input(&prefix, &mem)
 }

@@ -107,10 +107,7 @@
 //! fuzzing found none), and it cannot have its own seccomp filter or mount
 //! namespace the way virtiofsd sandboxes itself.
 
-// `fuzzing` is the cfg cargo-fuzz sets; the workspace does not declare it.
-#![allow(unexpected_cfgs)]
-
-#[cfg(any(test, fuzzing))]
+#[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzz;
 mod guard;
@@ -121,7 +118,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use fuse_backend_rs::passthrough::{self, PassthroughFs};
-use tracing::{debug, warn};
+use tracing::debug;
 use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
 
 use super::{
@@ -362,6 +359,10 @@ impl VirtioDevice for Fs {
         VIRTIO_ID_FS
     }
 
+    fn name(&self) -> &'static str {
+        "virtio-fs"
+    }
+
     fn queue_max_sizes(&self) -> &[u16] {
         &QUEUE_SIZES
     }
@@ -374,28 +375,18 @@ impl VirtioDevice for Fs {
         read_config_bytes(&self.config, offset, data);
     }
 
-    fn write_config(&mut self, offset: u64, data: &[u8]) {
-        warn!(
-            offset,
-            len = data.len(),
-            "virtio-fs: guest wrote the read-only config space"
-        );
+    fn is_active(&self) -> bool {
+        self.worker.is_some()
     }
 
-    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        if self.worker.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
+    fn start(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
         let queues = take_queues::<2>(ctx.queues)?;
         let fs = build_fs(&self.shared_dir, &self.options).map_err(ActivateError::Worker)?;
-        let (kill, worker_kill) = DeviceWorker::kill_eventfds()?;
-        let worker = Worker::new(ctx.mem, queues, ctx.interrupt, worker_kill, fs)
-            .map_err(ActivateError::Worker)?;
+        let worker =
+            Worker::new(ctx.mem, queues, ctx.interrupt, fs).map_err(ActivateError::Worker)?;
         // Serving without our own fs context would let the guest's FUSE_INIT
         // change the shim's umask: if unsharing fails, do not serve at all.
-        let worker =
-            DeviceWorker::spawn("husk-fs", kill, unshare_fs_context, move || worker.run())?;
-        self.worker = Some(worker);
+        self.worker = Some(DeviceWorker::start("husk-fs", worker, unshare_fs_context)?);
         debug!(tag = %self.tag, dir = %self.shared_dir.display(), "virtio-fs: activated");
         Ok(())
     }

@@ -1,23 +1,26 @@
-//! The virtio-fs worker: one thread, one epoll loop over the two queues'
-//! eventfds and the kill eventfd. Every chain is one FUSE request, handed to
+//! The virtio-fs worker: one thread, one epoll loop ([`EventLoop`]) over the
+//! two queues' eventfds. Every chain is one FUSE request, handed to
 //! fuse-backend-rs's server; the reply goes into the chain's writable part.
+//!
+//! [`EventLoop`]: crate::devices::virtio::worker::EventLoop
 
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
+use std::time::Instant;
 
 use fuse_backend_rs::abi::fuse_abi::{InHeader, Opcode, OutHeader};
 use fuse_backend_rs::api::server::{Server, MAX_BUFFER_SIZE};
 use fuse_backend_rs::passthrough::PassthroughFs;
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter, Writer};
-use tracing::{debug, error, warn};
+use tracing::{debug, warn};
 use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{ByteValued, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::EventFd;
 
 use super::guard::GuardedFs;
 use crate::devices::virtio::net::LogLimiter;
+use crate::devices::virtio::worker::EventHandler;
 use crate::devices::virtio::{ActiveQueue, Interrupt};
 
 /// The file system the worker serves.
@@ -26,9 +29,6 @@ pub type SharedFs = GuardedFs<PassthroughFs<()>>;
 /// Queue indexes: FORGETs go to hiprio, everything else to the request queue.
 pub const HIPRIO: usize = 0;
 pub const REQUEST: usize = 1;
-
-const TOKEN_KILL: u64 = 2;
-const MAX_EVENTS: usize = 8;
 
 /// Most bytes of a chain the server sees in either direction: the largest
 /// request Linux sends (1 MiB of data, the max_write and max_pages the server
@@ -40,7 +40,6 @@ pub struct Worker {
     mem: GuestMemoryMmap,
     queues: [ActiveQueue; 2],
     interrupt: Arc<Interrupt>,
-    kill: EventFd,
     epoll: Epoll,
     fs: Arc<SharedFs>,
     server: Server<Arc<SharedFs>>,
@@ -54,12 +53,10 @@ impl Worker {
         mem: GuestMemoryMmap,
         queues: [ActiveQueue; 2],
         interrupt: Arc<Interrupt>,
-        kill: EventFd,
         fs: SharedFs,
     ) -> io::Result<Self> {
         let epoll = Epoll::new()?;
         for (fd, token) in [
-            (kill.as_raw_fd(), TOKEN_KILL),
             (queues[HIPRIO].notify.as_raw_fd(), HIPRIO as u64),
             (queues[REQUEST].notify.as_raw_fd(), REQUEST as u64),
         ] {
@@ -74,7 +71,6 @@ impl Worker {
             mem,
             queues,
             interrupt,
-            kill,
             epoll,
             server: Server::new(fs.clone()),
             fs,
@@ -82,55 +78,6 @@ impl Worker {
             pending: [true; 2],
             log: LogLimiter::default(),
         })
-    }
-
-    /// Runs until the kill eventfd fires.
-    pub fn run(mut self) {
-        while self.step(-1) {}
-        debug!(
-            fds = self.fs.fds_in_use(),
-            "virtio-fs: worker stopped, closing the guest's host descriptors"
-        );
-    }
-
-    /// Waits for events (not at all if work is left over), then serves the
-    /// queues. Returns false once the worker must stop.
-    pub fn step(&mut self, timeout: i32) -> bool {
-        let timeout = if self.pending.iter().any(|&p| p) {
-            0
-        } else {
-            timeout
-        };
-        let mut events = [EpollEvent::default(); MAX_EVENTS];
-        let n = match self.epoll.wait(timeout, &mut events) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
-            Err(e) => {
-                error!("virtio-fs: epoll_wait failed, stopping the device: {e}");
-                return false;
-            }
-        };
-        for ev in &events[..n] {
-            match ev.data() {
-                TOKEN_KILL => {
-                    let _ = self.kill.read();
-                    return false;
-                }
-                q @ (0 | 1) => {
-                    let q = q as usize;
-                    let _ = self.queues[q].notify.read();
-                    self.pending[q] = true;
-                }
-                token => warn!(token, "virtio-fs: event for an unknown token"),
-            }
-        }
-        // FORGETs first: they release host descriptors the requests may need.
-        for q in [HIPRIO, REQUEST] {
-            if self.pending[q] {
-                self.process_queue(q);
-            }
-        }
-        true
     }
 
     /// Serves up to one queue's worth of requests from queue `q`, so the
@@ -171,9 +118,49 @@ impl Worker {
     }
 
     /// The file system behind the server (the fuzz harness initializes it directly).
-    #[cfg(any(test, fuzzing))]
+    #[cfg(any(test, feature = "fuzzing"))]
     pub fn fs(&self) -> &SharedFs {
         &self.fs
+    }
+}
+
+impl EventHandler for Worker {
+    const NAME: &'static str = "virtio-fs";
+    const MAX_EVENTS: usize = 8;
+
+    fn epoll(&self) -> &Epoll {
+        &self.epoll
+    }
+
+    fn has_pending_work(&self) -> bool {
+        self.pending.iter().any(|&p| p)
+    }
+
+    fn handle_event(&mut self, token: u64, _events: EventSet, _now: Instant) {
+        match token {
+            q @ (0 | 1) => {
+                let q = q as usize;
+                let _ = self.queues[q].notify.read();
+                self.pending[q] = true;
+            }
+            token => warn!(token, "virtio-fs: event for an unknown token"),
+        }
+    }
+
+    fn process(&mut self, _now: Instant) {
+        // FORGETs first: they release host descriptors the requests may need.
+        for q in [HIPRIO, REQUEST] {
+            if self.pending[q] {
+                self.process_queue(q);
+            }
+        }
+    }
+
+    fn stopped(&mut self) {
+        debug!(
+            fds = self.fs.fds_in_use(),
+            "virtio-fs: worker stopped, closing the guest's host descriptors"
+        );
     }
 }
 

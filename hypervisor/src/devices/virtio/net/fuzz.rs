@@ -14,17 +14,13 @@
 use std::sync::{Arc, OnceLock};
 
 use virtio_bindings::bindings::virtio_net::*;
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::tap::{open_tap, Tap, VNET_HDR_LEN};
 use super::worker::{Features, NetStats, Worker};
-use crate::devices::virtio::{ActiveQueue, Interrupt};
-
-pub const MEM_SIZE: usize = 0x1_0000;
-const MEM2_BASE: u64 = 0x2_0000;
-const MEM2_SIZE: usize = 0x1000;
+use crate::devices::virtio::test_utils::{
+    active, desc, fuzz_input, fuzz_memory, interrupt, queue, FUZZ_MEM_SIZE as MEM_SIZE,
+};
 
 /// Fixed queue layout (max queue size 64).
 pub const QMAX: u16 = 64;
@@ -50,23 +46,6 @@ fn tap() -> &'static Arc<Tap> {
         }
         Arc::new(open_tap("fuzz0", None).expect("fuzz tap"))
     })
-}
-
-fn queue(size: u16, desc: u64, avail: u64, used: u64) -> Queue {
-    let mut q = Queue::new(QMAX).expect("valid max size");
-    q.set_size(size);
-    q.set_desc_table_address(Some(desc as u32), Some(0));
-    q.set_avail_ring_address(Some(avail as u32), Some(0));
-    q.set_used_ring_address(Some(used as u32), Some(0));
-    q.set_ready(true);
-    q
-}
-
-fn active(q: Queue) -> ActiveQueue {
-    ActiveQueue {
-        queue: q,
-        notify: EventFd::new(EFD_NONBLOCK).expect("eventfd"),
-    }
 }
 
 /// What one input did.
@@ -95,13 +74,7 @@ pub fn fuzz_queues(data: &[u8]) -> Outcome {
     }
     let (prefix, image) = data.split_at(PREFIX);
     let tap = tap().clone();
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[
-        (GuestAddress(0), MEM_SIZE),
-        (GuestAddress(MEM2_BASE), MEM2_SIZE),
-    ])
-    .expect("guest memory");
-    let image = &image[..image.len().min(MEM_SIZE)];
-    mem.write_slice(image, GuestAddress(0)).expect("image fits");
+    let mem = fuzz_memory(image);
 
     let rx_size = 1u16 << ((prefix[0] & 7) % 7);
     let tx_size = 1u16 << (((prefix[0] >> 4) & 7) % 7);
@@ -120,17 +93,14 @@ pub fn fuzz_queues(data: &[u8]) -> Outcome {
         .filter(|(i, _)| prefix[1] & (1 << i) != 0)
         .fold(0u64, |f, (_, &b)| f | 1 << b);
     let stats = Arc::new(NetStats::default());
-    let interrupt = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).expect("irqfd")));
     let queues = [
-        active(queue(rx_size, RX_DESC, RX_AVAIL, RX_USED)),
-        active(queue(tx_size, TX_DESC, TX_AVAIL, TX_USED)),
+        active(queue(QMAX, rx_size, RX_DESC, RX_AVAIL, RX_USED)),
+        active(queue(QMAX, tx_size, TX_DESC, TX_AVAIL, TX_USED)),
     ];
-    let kill = EventFd::new(EFD_NONBLOCK).expect("kill eventfd");
     let mut worker = Worker::new(
         mem.clone(),
         queues,
-        interrupt,
-        kill,
+        interrupt(),
         tap,
         Features::from_acked(acked),
         stats.clone(),
@@ -261,19 +231,5 @@ fn image(prefix: [u8; PREFIX], tx: &[Vec<u8>], rx: &[u32], layout: Layout) -> Ve
         buf += u64::from(len);
     }
     put(RX_AVAIL + 2, &(rx.len() as u16).to_le_bytes());
-    let mut input = prefix.to_vec();
-    input.extend_from_slice(&mem);
-    while input.len() > PREFIX && input.last() == Some(&0) {
-        input.pop();
-    }
-    input
-}
-
-fn desc(addr: u64, len: u32, flags: u16, next: u16) -> [u8; 16] {
-    let mut d = [0u8; 16];
-    d[0..8].copy_from_slice(&addr.to_le_bytes());
-    d[8..12].copy_from_slice(&len.to_le_bytes());
-    d[12..14].copy_from_slice(&flags.to_le_bytes());
-    d[14..16].copy_from_slice(&next.to_le_bytes());
-    d
+    fuzz_input(&prefix, &mem)
 }

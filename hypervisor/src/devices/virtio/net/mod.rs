@@ -15,10 +15,7 @@
 //! bounded buffer ([`MAX_TX_FRAME`]) before the tap sees them; malformed
 //! chains are returned and counted, with at most one log line per second.
 
-// `fuzzing` is the cfg cargo-fuzz sets; the workspace does not declare it.
-#![allow(unexpected_cfgs)]
-
-#[cfg(any(test, fuzzing))]
+#[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzz;
 mod tap;
@@ -135,6 +132,10 @@ impl VirtioDevice for Net {
         VIRTIO_ID_NET
     }
 
+    fn name(&self) -> &'static str {
+        "virtio-net"
+    }
+
     fn queue_max_sizes(&self) -> &[u16] {
         &QUEUE_SIZES
     }
@@ -163,20 +164,14 @@ impl VirtioDevice for Net {
         read_config_bytes(&self.config, offset, data);
     }
 
-    fn write_config(&mut self, offset: u64, data: &[u8]) {
-        // The MAC is writable only with VIRTIO_NET_F_CTRL_MAC_ADDR's legacy
-        // path, which is not offered.
-        warn!(
-            offset,
-            len = data.len(),
-            "virtio-net: guest wrote the read-only config space"
-        );
+    // write_config: the default (read-only). The MAC is writable only with
+    // VIRTIO_NET_F_CTRL_MAC_ADDR's legacy path, which is not offered.
+
+    fn is_active(&self) -> bool {
+        self.worker.is_some()
     }
 
-    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        if self.worker.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
+    fn start(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
         let queues = take_queues::<2>(ctx.queues)?;
         let features = Features::from_acked(ctx.acked_features);
         if let Err(e) = self.tap.set_offload(features.tap_offload()) {
@@ -188,23 +183,16 @@ impl VirtioDevice for Net {
             );
             self.tap.set_offload(0).map_err(ActivateError::Worker)?;
         }
-        let (kill, worker_kill) = DeviceWorker::kill_eventfds()?;
         let worker = Worker::new(
             ctx.mem,
             queues,
             ctx.interrupt,
-            worker_kill,
             self.tap.clone(),
             features,
             self.stats.clone(),
         )
         .map_err(ActivateError::Worker)?;
-        self.worker = Some(DeviceWorker::spawn(
-            "husk-net",
-            kill,
-            || Ok(()),
-            move || worker.run(),
-        )?);
+        self.worker = Some(DeviceWorker::start("husk-net", worker, || Ok(()))?);
         debug!(tap = self.tap.name(), ?features, "virtio-net: activated");
         Ok(())
     }

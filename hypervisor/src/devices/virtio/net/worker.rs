@@ -1,11 +1,13 @@
-//! The virtio-net worker: one thread, one epoll loop over the rx and tx
-//! queue eventfds, the tap and the kill eventfd.
+//! The virtio-net worker: one thread, one epoll loop ([`EventLoop`]) over
+//! the rx and tx queue eventfds and the tap.
 //!
 //! tx: each chain is one frame (virtio-net header + Ethernet frame); it is
 //! gathered into a buffer and written to the tap as one packet.
 //! rx: a frame is read from the tap only when the guest has buffers; if they
 //! turn out too few, the frame waits (one at most) and the tap is not polled
 //! until the guest adds buffers.
+//!
+//! [`EventLoop`]: crate::devices::virtio::worker::EventLoop
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -18,16 +20,14 @@ use virtio_bindings::bindings::virtio_net::*;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::EventFd;
 
 use super::tap::{Tap, VNET_HDR_LEN};
+use crate::devices::virtio::worker::EventHandler;
 use crate::devices::virtio::{ActiveQueue, Interrupt};
 
-const TOKEN_KILL: u64 = 0;
 const TOKEN_RXQ: u64 = 1;
 const TOKEN_TXQ: u64 = 2;
 const TOKEN_TAP: u64 = 3;
-const MAX_EVENTS: usize = 8;
 
 const ETH_HLEN: usize = 14;
 /// Longest tx chain accepted: header + the largest GSO frame (64 KiB IP
@@ -159,7 +159,6 @@ pub struct Worker {
     rxq: ActiveQueue,
     txq: ActiveQueue,
     interrupt: Arc<Interrupt>,
-    kill: EventFd,
     epoll: Epoll,
     tap: Arc<Tap>,
     features: Features,
@@ -187,14 +186,12 @@ impl Worker {
         mem: GuestMemoryMmap,
         [rxq, txq]: [ActiveQueue; 2],
         interrupt: Arc<Interrupt>,
-        kill: EventFd,
         tap: Arc<Tap>,
         features: Features,
         stats: Arc<NetStats>,
     ) -> io::Result<Self> {
         let epoll = Epoll::new()?;
         for (fd, token) in [
-            (kill.as_raw_fd(), TOKEN_KILL),
             (rxq.notify.as_raw_fd(), TOKEN_RXQ),
             (txq.notify.as_raw_fd(), TOKEN_TXQ),
             (tap.as_raw_fd(), TOKEN_TAP),
@@ -210,7 +207,6 @@ impl Worker {
             rxq,
             txq,
             interrupt,
-            kill,
             epoll,
             tap,
             features,
@@ -227,55 +223,6 @@ impl Worker {
             tx_log: LogLimiter::default(),
             rx_log: LogLimiter::default(),
         })
-    }
-
-    /// Runs until the kill eventfd fires.
-    pub fn run(mut self) {
-        while self.step(-1) {}
-    }
-
-    /// Waits for events (not at all if work is left over), then moves
-    /// frames. Returns false once the worker must stop.
-    pub fn step(&mut self, timeout: i32) -> bool {
-        let timeout = if self.tx_pending || self.rx_kicked || (self.tap_ready && self.tap_armed) {
-            0
-        } else {
-            timeout
-        };
-        let mut events = [EpollEvent::default(); MAX_EVENTS];
-        let n = match self.epoll.wait(timeout, &mut events) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
-            Err(e) => {
-                error!("virtio-net: epoll_wait failed, stopping the device: {e}");
-                return false;
-            }
-        };
-        for ev in &events[..n] {
-            match ev.data() {
-                TOKEN_KILL => {
-                    let _ = self.kill.read();
-                    return false;
-                }
-                TOKEN_RXQ => {
-                    let _ = self.rxq.notify.read();
-                    self.rx_kicked = true;
-                }
-                TOKEN_TXQ => {
-                    let _ = self.txq.notify.read();
-                    self.tx_pending = true;
-                }
-                TOKEN_TAP => self.tap_ready = true,
-                token => warn!(token, "virtio-net: event for an unknown token"),
-            }
-        }
-        if self.tx_pending {
-            self.process_tx();
-        }
-        if self.rx_kicked || self.tap_ready || self.rx_pending > 0 {
-            self.process_rx();
-        }
-        true
     }
 
     fn signal(&self, queue: &str) {
@@ -526,11 +473,48 @@ impl Worker {
 
     /// Hands the worker a frame as if the tap had produced it (fuzzing: the
     /// rx buffer handling without a second party on the tap).
-    #[cfg(any(test, fuzzing))]
+    #[cfg(any(test, feature = "fuzzing"))]
     pub fn inject_rx(&mut self, frame: &[u8]) {
         let n = frame.len().min(RX_BUF_LEN - 1);
         self.rx_buf[..n].copy_from_slice(&frame[..n]);
         self.rx_pending = n;
+    }
+}
+
+impl EventHandler for Worker {
+    const NAME: &'static str = "virtio-net";
+    const MAX_EVENTS: usize = 8;
+
+    fn epoll(&self) -> &Epoll {
+        &self.epoll
+    }
+
+    fn has_pending_work(&self) -> bool {
+        self.tx_pending || self.rx_kicked || (self.tap_ready && self.tap_armed)
+    }
+
+    fn handle_event(&mut self, token: u64, _events: EventSet, _now: Instant) {
+        match token {
+            TOKEN_RXQ => {
+                let _ = self.rxq.notify.read();
+                self.rx_kicked = true;
+            }
+            TOKEN_TXQ => {
+                let _ = self.txq.notify.read();
+                self.tx_pending = true;
+            }
+            TOKEN_TAP => self.tap_ready = true,
+            token => warn!(token, "virtio-net: event for an unknown token"),
+        }
+    }
+
+    fn process(&mut self, _now: Instant) {
+        if self.tx_pending {
+            self.process_tx();
+        }
+        if self.rx_kicked || self.tap_ready || self.rx_pending > 0 {
+            self.process_rx();
+        }
     }
 }
 

@@ -8,23 +8,20 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::muxer::{port_path, Muxer};
 use super::worker::Worker;
-use crate::devices::virtio::{ActiveQueue, Interrupt};
+use crate::devices::virtio::test_utils::{
+    active, desc, fuzz_input, fuzz_memory, interrupt, queue, FUZZ_MEM_SIZE as MEM_SIZE,
+};
+use crate::devices::virtio::worker::EventLoop;
 
 /// The guest CID the fuzzed guest has.
 pub const GUEST_CID: u64 = 3;
 /// A guest REQUEST to this port reaches a real host listener.
 pub const LISTENING_PORT: u32 = 1024;
-/// Guest memory: one region at 0 holding everything, and a small second
-/// region after a hole so buffers can straddle or miss regions.
-pub const MEM_SIZE: usize = 0x1_0000;
-const MEM2_BASE: u64 = 0x2_0000;
-const MEM2_SIZE: usize = 0x1000;
 
 /// Fixed queue layout (max queue size 16): rx at 0x000, tx at 0x200.
 pub const RX_DESC: u64 = 0x000;
@@ -67,23 +64,6 @@ fn sockets() -> &'static Sockets {
     })
 }
 
-fn queue(max: u16, size: u16, desc: u64, avail: u64, used: u64) -> Queue {
-    let mut q = Queue::new(max).expect("valid max size");
-    q.set_size(size);
-    q.set_desc_table_address(Some(desc as u32), Some(0));
-    q.set_avail_ring_address(Some(avail as u32), Some(0));
-    q.set_used_ring_address(Some(used as u32), Some(0));
-    q.set_ready(true);
-    q
-}
-
-fn active(q: Queue) -> ActiveQueue {
-    ActiveQueue {
-        queue: q,
-        notify: EventFd::new(EFD_NONBLOCK).expect("eventfd"),
-    }
-}
-
 /// Runs one input. Prefix bytes:
 /// 0: rx and tx queue sizes (1 << (bits 0-2 % 5), 1 << (bits 4-6 % 5));
 /// 1: how many tx chains the first pass may see (the rest come after the
@@ -98,27 +78,21 @@ pub fn fuzz_queues(data: &[u8]) -> Outcome {
         return out;
     }
     let (prefix, image) = data.split_at(PREFIX);
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[
-        (GuestAddress(0), MEM_SIZE),
-        (GuestAddress(MEM2_BASE), MEM2_SIZE),
-    ])
-    .expect("guest memory");
-    let image = &image[..image.len().min(MEM_SIZE)];
-    mem.write_slice(image, GuestAddress(0)).expect("image fits");
+    let mem = fuzz_memory(image);
 
     let rx_size = 1u16 << ((prefix[0] & 7) % 5);
     let tx_size = 1u16 << (((prefix[0] >> 4) & 7) % 5);
     let s = sockets();
     let muxer =
         Muxer::new(GUEST_CID, s.uds_path.clone(), s.device_listener.clone()).expect("muxer");
-    let interrupt = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).expect("irqfd")));
     let queues = [
         active(queue(16, rx_size, RX_DESC, RX_AVAIL, RX_USED)),
         active(queue(16, tx_size, TX_DESC, TX_AVAIL, TX_USED)),
         active(queue(16, 1, EV_DESC, EV_DESC + 0x10, EV_DESC + 0x20)),
     ];
+    let worker = Worker::new(mem.clone(), queues, interrupt(), muxer).expect("worker");
     let kill = EventFd::new(EFD_NONBLOCK).expect("kill eventfd");
-    let mut worker = Worker::new(mem.clone(), queues, interrupt, kill, muxer).expect("worker");
+    let mut worker = EventLoop::new(worker, kill).expect("event loop");
 
     // First pass: the guest shows only part of its tx ring.
     let avail_idx_addr = GuestAddress(TX_AVAIL + 2);
@@ -127,7 +101,7 @@ pub fn fuzz_queues(data: &[u8]) -> Outcome {
     let _ = mem.write_obj(first, avail_idx_addr);
     worker.step_nowait();
     let _ = mem.write_obj(full_idx, avail_idx_addr);
-    worker.process_tx();
+    worker.handler_mut().process_tx();
 
     // The host services answer.
     let mut accepted: Vec<UnixStream> = Vec::new();
@@ -160,7 +134,7 @@ pub fn fuzz_queues(data: &[u8]) -> Outcome {
         assert!(steps <= 64, "worker never settles");
         worker.step_nowait();
     }
-    assert!(worker.muxer_mut().connection_count() <= super::muxer::MAX_CONNECTIONS);
+    assert!(worker.handler_mut().muxer_mut().connection_count() <= super::muxer::MAX_CONNECTIONS);
     out.accepted = accepted.len();
     out.rx_used = mem.read_obj(GuestAddress(RX_USED + 2)).unwrap_or(0);
     out.tx_used = mem.read_obj(GuestAddress(TX_USED + 2)).unwrap_or(0);
@@ -247,14 +221,6 @@ fn image(
         let at = at as usize;
         mem[at..at + bytes.len()].copy_from_slice(bytes);
     };
-    let desc = |addr: u64, len: u32, flags: u16, next: u16| {
-        let mut d = [0u8; 16];
-        d[0..8].copy_from_slice(&addr.to_le_bytes());
-        d[8..12].copy_from_slice(&len.to_le_bytes());
-        d[12..14].copy_from_slice(&flags.to_le_bytes());
-        d[14..16].copy_from_slice(&next.to_le_bytes());
-        d
-    };
     // 16 rx buffers of 0x400 bytes at 0x8000.
     for i in 0..16u16 {
         let addr = 0x8000 + u64::from(i) * 0x400;
@@ -299,13 +265,7 @@ fn image(
         put(TX_AVAIL + 4 + i as u64 * 2, &head.to_le_bytes());
     }
     put(TX_AVAIL + 2, &(packets.len() as u16).to_le_bytes());
-    let mut input = prefix.to_vec();
-    input.extend_from_slice(&mem);
-    // Memory starts zeroed: trailing zeros carry nothing.
-    while input.len() > PREFIX && input.last() == Some(&0) {
-        input.pop();
-    }
-    input
+    fuzz_input(&prefix, &mem)
 }
 
 const HDR_LEN_U32: u32 = super::packet::HDR_LEN;

@@ -11,11 +11,8 @@
 //! connect before the guest driver is up; they wait in the backlog until the
 //! driver activates the device.
 
-// `fuzzing` is the cfg cargo-fuzz sets; the workspace does not declare it.
-#![allow(unexpected_cfgs)]
-
 mod connection;
-#[cfg(any(test, fuzzing))]
+#[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzz;
 mod handshake;
@@ -129,6 +126,10 @@ impl VirtioDevice for Vsock {
         VIRTIO_ID_VSOCK
     }
 
+    fn name(&self) -> &'static str {
+        "vsock"
+    }
+
     fn queue_max_sizes(&self) -> &[u16] {
         &QUEUE_SIZES
     }
@@ -141,30 +142,17 @@ impl VirtioDevice for Vsock {
         read_config_bytes(&self.guest_cid.to_le_bytes(), offset, data);
     }
 
-    fn write_config(&mut self, offset: u64, data: &[u8]) {
-        warn!(
-            offset,
-            len = data.len(),
-            "vsock: guest wrote the read-only config space"
-        );
+    fn is_active(&self) -> bool {
+        self.worker.is_some()
     }
 
-    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        if self.worker.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
+    fn start(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
         let queues = take_queues::<3>(ctx.queues)?;
-        let (kill, worker_kill) = DeviceWorker::kill_eventfds()?;
         let muxer = Muxer::new(self.guest_cid, self.uds_path.clone(), self.listener.clone())
             .map_err(ActivateError::Worker)?;
-        let worker = Worker::new(ctx.mem, queues, ctx.interrupt, worker_kill, muxer)
-            .map_err(ActivateError::Worker)?;
-        self.worker = Some(DeviceWorker::spawn(
-            "husk-vsock",
-            kill,
-            || Ok(()),
-            move || worker.run(),
-        )?);
+        let worker =
+            Worker::new(ctx.mem, queues, ctx.interrupt, muxer).map_err(ActivateError::Worker)?;
+        self.worker = Some(DeviceWorker::start("husk-vsock", worker, || Ok(()))?);
         debug!(guest_cid = self.guest_cid, "vsock: activated");
         Ok(())
     }

@@ -45,7 +45,8 @@ const HOST_PORT_FIRST: u32 = 1 << 30;
 /// u32::MAX is VMADDR_PORT_ANY.
 const HOST_PORT_LAST: u32 = u32::MAX - 1;
 
-/// Epoll token of the listener; tokens below [`FIRST_STREAM_TOKEN`] belong to the worker.
+/// Epoll token of the listener; tokens below [`FIRST_STREAM_TOKEN`] belong
+/// to the worker (and the event loop's kill eventfd has `TOKEN_KILL`, u64::MAX).
 pub const TOKEN_LISTENER: u64 = 4;
 const FIRST_STREAM_TOKEN: u64 = 16;
 
@@ -543,7 +544,7 @@ impl Muxer {
     }
 
     /// Connections currently tracked (for tests and the fuzz harness).
-    #[cfg(any(test, fuzzing))]
+    #[cfg(any(test, feature = "fuzzing"))]
     pub fn connection_count(&self) -> usize {
         self.conns.len()
     }

@@ -1,27 +1,28 @@
-//! The vsock device's worker: one thread, one epoll loop over the queue
-//! eventfds, the kill eventfd, the Unix listener and every connection's stream.
+//! The vsock device's worker: one thread, one epoll loop ([`EventLoop`])
+//! over the queue eventfds, the Unix listener and every connection's stream.
 //! It moves packets between the virtqueues and the muxer.
+//!
+//! [`EventLoop`]: crate::devices::virtio::worker::EventLoop
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Instant;
 
-use tracing::{error, warn};
+use tracing::warn;
 use virtio_queue::{QueueOwnedT, QueueT};
 use virtio_vsock::packet::VsockPacket;
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::epoll::{ControlOperation, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::muxer::Muxer;
 use super::packet::{Header, MAX_PKT_DATA};
+use crate::devices::virtio::worker::EventHandler;
 use crate::devices::virtio::{ActiveQueue, Interrupt};
 
-const TOKEN_KILL: u64 = 0;
 const TOKEN_RXQ: u64 = 1;
 const TOKEN_TXQ: u64 = 2;
 const TOKEN_EVQ: u64 = 3;
-const MAX_EVENTS: usize = 64;
 
 pub struct Worker {
     mem: GuestMemoryMmap,
@@ -30,7 +31,6 @@ pub struct Worker {
     /// Only drained: the device never posts events (those are for live migration).
     evq: ActiveQueue,
     interrupt: Arc<Interrupt>,
-    kill: EventFd,
     muxer: Muxer,
     /// The tx queue may hold chains not yet processed (kicked, or a batch was cut short).
     tx_pending: bool,
@@ -45,17 +45,14 @@ impl Worker {
         mem: GuestMemoryMmap,
         [rxq, txq, evq]: [ActiveQueue; 3],
         interrupt: Arc<Interrupt>,
-        kill: EventFd,
         muxer: Muxer,
     ) -> io::Result<Self> {
         let epoll = muxer.epoll();
         for (fd, token) in [
-            (&kill, TOKEN_KILL),
             (&rxq.notify, TOKEN_RXQ),
             (&txq.notify, TOKEN_TXQ),
             (&evq.notify, TOKEN_EVQ),
         ] {
-            use std::os::fd::AsRawFd;
             epoll.ctl(
                 ControlOperation::Add,
                 fd.as_raw_fd(),
@@ -68,71 +65,12 @@ impl Worker {
             txq,
             evq,
             interrupt,
-            kill,
             muxer,
             // The driver may have queued buffers before the worker existed.
             tx_pending: true,
             tx_blocked: false,
             rx_again: true,
         })
-    }
-
-    /// Runs until the kill eventfd fires.
-    pub fn run(mut self) {
-        while self.step() {}
-    }
-
-    /// Waits for events (not at all if work is left over), handles them and
-    /// moves packets. Returns false once the worker must stop.
-    pub fn step(&mut self) -> bool {
-        let now = Instant::now();
-        let timeout = if self.tx_pending || self.rx_again {
-            0
-        } else {
-            self.muxer.timeout_ms(now)
-        };
-        self.step_with_timeout(timeout)
-    }
-
-    /// One step that never waits (the fuzz harness plays the guest in between).
-    #[cfg(any(test, fuzzing))]
-    pub fn step_nowait(&mut self) -> bool {
-        self.step_with_timeout(0)
-    }
-
-    fn step_with_timeout(&mut self, timeout: i32) -> bool {
-        let mut events = [EpollEvent::default(); MAX_EVENTS];
-        let n = match self.muxer.epoll().wait(timeout, &mut events) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
-            Err(e) => {
-                error!("vsock: epoll_wait failed, stopping the device: {e}");
-                return false;
-            }
-        };
-        let now = Instant::now();
-        for ev in &events[..n] {
-            match ev.data() {
-                TOKEN_KILL => {
-                    let _ = self.kill.read();
-                    return false;
-                }
-                TOKEN_RXQ => {
-                    let _ = self.rxq.notify.read();
-                }
-                TOKEN_TXQ => {
-                    let _ = self.txq.notify.read();
-                    self.tx_pending = true;
-                }
-                TOKEN_EVQ => {
-                    let _ = self.evq.notify.read();
-                }
-                token => self.muxer.handle_event(token, ev.event_set(), now),
-            }
-        }
-        self.muxer.process_timeouts(now);
-        self.pump();
-        true
     }
 
     fn pump(&mut self) {
@@ -228,16 +166,46 @@ impl Worker {
         used > 0
     }
 
-    #[cfg(any(test, fuzzing))]
+    #[cfg(any(test, feature = "fuzzing"))]
     pub fn muxer_mut(&mut self) -> &mut Muxer {
         &mut self.muxer
     }
+}
 
-    /// Nothing ready and nothing left over: the loop would sleep until a new
-    /// event. A worker that never gets here without new input would spin.
-    #[cfg(any(test, fuzzing))]
-    pub fn quiescent(&self) -> bool {
-        let mut ev = [EpollEvent::default(); 1];
-        !self.tx_pending && !self.rx_again && self.muxer.epoll().wait(0, &mut ev).ok() == Some(0)
+impl EventHandler for Worker {
+    const NAME: &'static str = "vsock";
+    const MAX_EVENTS: usize = 64;
+
+    fn epoll(&self) -> &Epoll {
+        self.muxer.epoll()
+    }
+
+    fn has_pending_work(&self) -> bool {
+        self.tx_pending || self.rx_again
+    }
+
+    fn idle_timeout_ms(&self) -> i32 {
+        self.muxer.timeout_ms(Instant::now())
+    }
+
+    fn handle_event(&mut self, token: u64, events: EventSet, now: Instant) {
+        match token {
+            TOKEN_RXQ => {
+                let _ = self.rxq.notify.read();
+            }
+            TOKEN_TXQ => {
+                let _ = self.txq.notify.read();
+                self.tx_pending = true;
+            }
+            TOKEN_EVQ => {
+                let _ = self.evq.notify.read();
+            }
+            token => self.muxer.handle_event(token, events, now),
+        }
+    }
+
+    fn process(&mut self, now: Instant) {
+        self.muxer.process_timeouts(now);
+        self.pump();
     }
 }
