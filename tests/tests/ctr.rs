@@ -237,29 +237,7 @@ fn long_running_tasks_tty_exec_pause_metrics_signals_and_a_crashed_shim() {
         "an exec of a missing binary names it: {stderr}"
     );
     // An exec killed with SIGKILL exits 128 + 9. It says when it runs.
-    let mut sleeper = c
-        .ctr_command(&[
-            "tasks",
-            "exec",
-            "--exec-id",
-            "e4",
-            "long1",
-            "sh",
-            "-c",
-            "echo started; exec sleep 3600",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut started = String::new();
-    std::io::BufReader::new(sleeper.stdout.as_mut().unwrap())
-        .read_line(&mut started)
-        .unwrap();
-    assert_eq!(started, "started\n", "{}", c.diagnostics());
-    c.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", "--exec-id", "e4", "long1"]);
-    let killed = sleeper.wait_with_output().unwrap();
-    assert_eq!(killed.status.code(), Some(137), "{}", c.diagnostics());
+    signal_exec(&c, "e4", "echo ready; exec sleep 3600", "SIGKILL", 137);
 
     // A container cannot reach the agent (or any guest listener) over
     // vsock: not through loopback (CID 1), not through the guest's own CID
@@ -312,31 +290,15 @@ fn long_running_tasks_tty_exec_pause_metrics_signals_and_a_crashed_shim() {
     assert!(ps.lines().count() >= 2, "{ps}");
 
     // SIGTERM reaches a process and runs its trap: exit 42.
-    let mut trapper = c
-        .ctr_command(&[
-            "tasks",
-            "exec",
-            "--exec-id",
-            "e5",
-            "long1",
-            "sh",
-            "-c",
-            // The sleep must not hold the exec's stdout: its exit is
-            // reported once all of its output is delivered.
-            "trap 'exit 42' TERM; echo ready; sleep 2147483647 >/dev/null 2>&1 & wait",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut ready = String::new();
-    std::io::BufReader::new(trapper.stdout.as_mut().unwrap())
-        .read_line(&mut ready)
-        .unwrap();
-    assert_eq!(ready, "ready\n", "{}", c.diagnostics());
-    c.ctr_ok(&["tasks", "kill", "-s", "SIGTERM", "--exec-id", "e5", "long1"]);
-    let trapped = trapper.wait_with_output().unwrap();
-    assert_eq!(trapped.status.code(), Some(42), "{}", c.diagnostics());
+    // (The sleep must not hold the exec's stdout: an exit is reported once
+    // all of the process's output is delivered.)
+    signal_exec(
+        &c,
+        "e5",
+        "trap 'exit 42' TERM; echo ready; sleep 2147483647 >/dev/null 2>&1 & wait",
+        "SIGTERM",
+        42,
+    );
 
     // SIGTERM to long1's shim ends it cleanly and promptly (VM stopped,
     // state removed): a shim must not outlive a TERM with its VM running.
@@ -430,6 +392,39 @@ fn long_running_tasks_tty_exec_pause_metrics_signals_and_a_crashed_shim() {
         let _ = c.ctr(&["containers", "rm", id]);
     }
     assert_clean(&c);
+}
+
+/// Runs `script` as exec `exec_id` of long1, waits for it to print
+/// "ready", sends it `signal` and checks that it exits with `code`.
+fn signal_exec(c: &Containerd, exec_id: &str, script: &str, signal: &str, code: i32) {
+    let mut exec = c
+        .ctr_command(&[
+            "tasks",
+            "exec",
+            "--exec-id",
+            exec_id,
+            "long1",
+            "sh",
+            "-c",
+            script,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ready = String::new();
+    std::io::BufReader::new(exec.stdout.as_mut().unwrap())
+        .read_line(&mut ready)
+        .unwrap();
+    assert_eq!(ready, "ready\n", "{}", c.diagnostics());
+    c.ctr_ok(&["tasks", "kill", "-s", signal, "--exec-id", exec_id, "long1"]);
+    let out = exec.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "{exec_id}: {}",
+        c.diagnostics()
+    );
 }
 
 /// The thread of process `pid` named `name`.
