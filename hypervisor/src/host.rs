@@ -79,20 +79,6 @@ impl HostProfile {
     }
 }
 
-impl std::str::FromStr for HostProfileSetting {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "auto" => Ok(HostProfileSetting::Auto),
-            "native" => Ok(HostProfileSetting::Force(HostProfile::Native)),
-            "nested-pvm" => Ok(HostProfileSetting::Force(HostProfile::NestedPvm)),
-            other => Err(format!(
-                "unknown host profile {other:?} (expected auto, native or nested-pvm)"
-            )),
-        }
-    }
-}
-
 /// KVM capabilities the VMM relies on, by name.
 const REQUIRED_CAPS: &[(&str, kvm_ioctls::Cap)] = &[
     ("IRQCHIP", kvm_ioctls::Cap::Irqchip),
@@ -149,15 +135,5 @@ mod tests {
         assert!(HostProfile::NestedPvm
             .kernel_args()
             .contains("husk.pvm_quirks"));
-    }
-
-    #[test]
-    fn parses_settings() {
-        assert_eq!("auto".parse(), Ok(HostProfileSetting::Auto));
-        assert_eq!(
-            "nested-pvm".parse(),
-            Ok(HostProfileSetting::Force(HostProfile::NestedPvm))
-        );
-        assert!("pvm".parse::<HostProfileSetting>().is_err());
     }
 }

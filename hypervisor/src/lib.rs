@@ -24,6 +24,7 @@ pub mod vm;
 
 pub use activity::GuestActivity;
 pub use devices::legacy::serial::ConsoleOutput;
+pub use devices::virtio::fs::CachePolicy;
 pub use exit::ExitReason;
 pub use host::{HostProfile, HostProfileSetting};
 pub use vm::{Vm, VmConfig, VmError, VsockConfig};

@@ -60,8 +60,7 @@ pub struct SharedFsConfig {
     /// The tag the guest mounts (`mount -t virtiofs <tag> <dir>`).
     pub tag: String,
     pub dir: PathBuf,
-    /// never, auto or always.
-    pub cache: String,
+    pub cache: CachePolicy,
     pub xattr: bool,
 }
 
@@ -227,18 +226,6 @@ pub struct Vm {
     _vm_fd: VmFd,
 }
 
-fn cache_policy(name: &str) -> Result<CachePolicy, VmError> {
-    match name {
-        "never" => Ok(CachePolicy::Never),
-        "metadata" => Ok(CachePolicy::Metadata),
-        "auto" => Ok(CachePolicy::Auto),
-        "always" => Ok(CachePolicy::Always),
-        other => Err(VmError::Config(format!(
-            "shared fs cache policy {other:?} (expected never, metadata, auto or always)"
-        ))),
-    }
-}
-
 fn validate(config: &VmConfig) -> Result<(), VmError> {
     if !(1..=MAX_VCPUS).contains(&config.vcpus) {
         return Err(VmError::Config(format!(
@@ -267,9 +254,6 @@ fn validate(config: &VmConfig) -> Result<(), VmError> {
                 vsock.guest_cid
             )));
         }
-    }
-    if let Some(share) = &config.shared_fs {
-        cache_policy(&share.cache)?;
     }
     config.cpuid.validate()?;
     Ok(())
@@ -345,7 +329,7 @@ impl Vm {
         }
         if let Some(share) = &config.shared_fs {
             let options = FsOptions {
-                cache: cache_policy(&share.cache)?,
+                cache: share.cache,
                 xattr: share.xattr,
                 max_host_fds: Some(MAX_SHARE_FDS),
                 ..FsOptions::default()

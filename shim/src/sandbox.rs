@@ -135,10 +135,6 @@ fn vm_config(
 ) -> Result<VmConfig, SandboxError> {
     config.check_guest_assets()?;
     let hv = &config.hypervisor;
-    let bad = |message: String| SandboxError::BadConfig {
-        path: config.source.clone(),
-        message,
-    };
     let mut vm = VmConfig::new(&hv.kernel);
     vm.initrd = Some(hv.initrd.clone());
     (vm.vcpus, vm.memory_mib) = vm_size(config, pod);
@@ -158,11 +154,15 @@ fn vm_config(
     vm.cpuid = CpuidPolicy {
         hide: hv.cpuid_hide.clone(),
     };
-    vm.host_profile = hv.host_profile.parse::<HostProfileSetting>().map_err(bad)?;
-    vm.console = match hv.console.as_str() {
-        "log" => ConsoleOutput::Log,
-        "none" => ConsoleOutput::Discard,
-        path => ConsoleOutput::File(path.into()),
+    vm.host_profile = match hv.host_profile {
+        husk_config::HostProfile::Auto => HostProfileSetting::Auto,
+        husk_config::HostProfile::Native => HostProfileSetting::Force(HostProfile::Native),
+        husk_config::HostProfile::NestedPvm => HostProfileSetting::Force(HostProfile::NestedPvm),
+    };
+    vm.console = match &hv.console {
+        husk_config::Console::Log => ConsoleOutput::Log,
+        husk_config::Console::None => ConsoleOutput::Discard,
+        husk_config::Console::File(path) => ConsoleOutput::File(path.clone()),
     };
     vm.extra_cmdline = guest_args(config);
     vm.vsock = Some(VsockConfig {
@@ -172,7 +172,12 @@ fn vm_config(
     vm.shared_fs = Some(SharedFsConfig {
         tag: SHARED_FS_TAG.into(),
         dir: shared_dir.to_path_buf(),
-        cache: config.shared_fs.cache.clone(),
+        cache: match config.shared_fs.cache {
+            husk_config::CachePolicy::Never => husk_hypervisor::CachePolicy::Never,
+            husk_config::CachePolicy::Metadata => husk_hypervisor::CachePolicy::Metadata,
+            husk_config::CachePolicy::Auto => husk_hypervisor::CachePolicy::Auto,
+            husk_config::CachePolicy::Always => husk_hypervisor::CachePolicy::Always,
+        },
         xattr: config.shared_fs.xattr,
     });
     Ok(vm)

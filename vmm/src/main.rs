@@ -11,9 +11,10 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use husk_config::{Console, HostProfile as ProfileChoice};
 use husk_hypervisor::cpuid::CpuidPolicy;
 use husk_hypervisor::{
-    metrics, ConsoleOutput, ExitReason, HostProfileSetting, Vm, VmConfig, VsockConfig,
+    metrics, ConsoleOutput, ExitReason, HostProfile, HostProfileSetting, Vm, VmConfig, VsockConfig,
 };
 use husk_protocol::agent::{CheckRequest, ShutdownRequest};
 
@@ -42,13 +43,13 @@ struct Args {
     vsock_cid: u64,
     /// Guest console: a file path, `log` (into this process's log) or `none`.
     #[arg(long, default_value = "none")]
-    console: String,
+    console: Console,
     /// Extra guest kernel arguments.
     #[arg(long, default_value = "")]
     cmdline: String,
     /// auto (detect), native or nested-pvm.
     #[arg(long, default_value = "auto")]
-    host_profile: HostProfileSetting,
+    host_profile: ProfileChoice,
     /// CPU features to hide from the guest (comma separated, e.g. avx512f,rdrand,invtsc).
     #[arg(long, value_delimiter = ',')]
     hide_cpuid: Vec<String>,
@@ -69,11 +70,23 @@ struct Args {
     report: Option<PathBuf>,
 }
 
-fn console_output(spec: &str) -> ConsoleOutput {
-    match spec {
-        "none" => ConsoleOutput::Discard,
-        "log" => ConsoleOutput::Log,
-        path => ConsoleOutput::File(path.into()),
+/// The VMM's console for a `--console` value (the same words as
+/// `hypervisor.console` in husk.toml).
+fn console_output(console: &Console) -> ConsoleOutput {
+    match console {
+        Console::None => ConsoleOutput::Discard,
+        Console::Log => ConsoleOutput::Log,
+        Console::File(path) => ConsoleOutput::File(path.clone()),
+    }
+}
+
+/// The VMM's profile setting for a `--host-profile` value (the same words
+/// as `hypervisor.host_profile` in husk.toml).
+fn host_profile(choice: ProfileChoice) -> HostProfileSetting {
+    match choice {
+        ProfileChoice::Auto => HostProfileSetting::Auto,
+        ProfileChoice::Native => HostProfileSetting::Force(HostProfile::Native),
+        ProfileChoice::NestedPvm => HostProfileSetting::Force(HostProfile::NestedPvm),
     }
 }
 
@@ -121,7 +134,7 @@ fn run(args: &Args, process_start: Instant) -> Result<ExitReason, String> {
     config.memory_mib = args.memory;
     config.console = console_output(&args.console);
     config.extra_cmdline = args.cmdline.clone();
-    config.host_profile = args.host_profile;
+    config.host_profile = host_profile(args.host_profile);
     config.cpuid = CpuidPolicy {
         hide: args.hide_cpuid.clone(),
     };
@@ -149,7 +162,7 @@ fn run(args: &Args, process_start: Instant) -> Result<ExitReason, String> {
     let reason = if args.agent_check {
         let uds = args.vsock_uds.clone().unwrap_or_default();
         let mut timeouts = husk_config::AgentConfig::default()
-            .timeouts(vm.host_profile() == husk_hypervisor::HostProfile::NestedPvm);
+            .timeouts(vm.host_profile() == HostProfile::NestedPvm);
         if let Some(secs) = args.agent_timeout {
             timeouts.boot_max = Duration::from_secs(secs);
             timeouts.boot_stall = timeouts.boot_stall.min(timeouts.boot_max);
@@ -207,7 +220,9 @@ fn agent_check(
         let (client, boot_time) = husk_vsock::wait_for_agent(uds, vm, limits)
             .await
             .map_err(|e| e.to_string())?;
-        let rpc_timeout = ttrpc::context::with_timeout(timeouts.request.as_nanos() as i64);
+        let nanos = i64::try_from(timeouts.request.as_nanos())
+            .map_err(|_| format!("request timeout {:?} is too long", timeouts.request))?;
+        let rpc_timeout = ttrpc::context::with_timeout(nanos);
         let health = client
             .check(rpc_timeout.clone(), &CheckRequest::new())
             .await

@@ -32,6 +32,123 @@ pub enum ConfigError {
     NotFound { tried: String },
 }
 
+/// One of a fixed set of words: `Ok` with the variant, or an error naming
+/// the value and the allowed words.
+fn choice<T: Copy>(value: &str, allowed: &[(&str, T)]) -> Result<T, String> {
+    allowed
+        .iter()
+        .find(|(name, _)| *name == value)
+        .map(|(_, v)| *v)
+        .ok_or_else(|| {
+            let names: Vec<&str> = allowed.iter().map(|(name, _)| *name).collect();
+            format!("{value:?} is not one of {}", names.join(", "))
+        })
+}
+
+/// `hypervisor.host_profile`: which platform profile guests get.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(try_from = "String")]
+pub enum HostProfile {
+    /// Detect the host kind (a nested PVM host has `/sys/module/kvm_pvm`).
+    #[default]
+    Auto,
+    /// Bare-metal KVM: nothing special.
+    Native,
+    /// Nested PVM (README.md: nested PVM hosts).
+    NestedPvm,
+}
+
+impl HostProfile {
+    const NAMES: &[(&str, HostProfile)] = &[
+        ("auto", HostProfile::Auto),
+        ("native", HostProfile::Native),
+        ("nested-pvm", HostProfile::NestedPvm),
+    ];
+}
+
+impl TryFrom<String> for HostProfile {
+    type Error = String;
+    fn try_from(value: String) -> Result<Self, String> {
+        value
+            .parse()
+            .map_err(|e| format!("hypervisor.host_profile: {e}"))
+    }
+}
+
+/// The words of `hypervisor.host_profile` (also husk-vmm's `--host-profile`).
+impl std::str::FromStr for HostProfile {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        choice(s, Self::NAMES)
+    }
+}
+
+/// `hypervisor.console`: where the guest's serial console goes.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum Console {
+    /// `"log"`: into the host process's log.
+    Log,
+    /// `"none"`: discarded.
+    None,
+    /// Any other value: appended to this file (relative to the config's
+    /// directory after [`Config::load`]).
+    File(PathBuf),
+}
+
+impl TryFrom<String> for Console {
+    type Error = String;
+    fn try_from(value: String) -> Result<Self, String> {
+        value
+            .parse()
+            .map_err(|e| format!("hypervisor.console: {e}"))
+    }
+}
+
+/// The words of `hypervisor.console` (also husk-vmm's `--console`).
+impl std::str::FromStr for Console {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "log" => Ok(Console::Log),
+            "none" => Ok(Console::None),
+            "" => Err("empty; expected \"log\", \"none\" or a file path".into()),
+            path => Ok(Console::File(path.into())),
+        }
+    }
+}
+
+/// `shared_fs.cache`: how much the guest may cache of a virtio-fs share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(try_from = "String")]
+pub enum CachePolicy {
+    /// Every access asks the host.
+    Never,
+    /// Entries and attributes cached, data not.
+    Metadata,
+    /// Close-to-open: coherent with host changes within a second.
+    #[default]
+    Auto,
+    /// Everything cached: only for shares nothing on the host changes.
+    Always,
+}
+
+impl CachePolicy {
+    const NAMES: &[(&str, CachePolicy)] = &[
+        ("never", CachePolicy::Never),
+        ("metadata", CachePolicy::Metadata),
+        ("auto", CachePolicy::Auto),
+        ("always", CachePolicy::Always),
+    ];
+}
+
+impl TryFrom<String> for CachePolicy {
+    type Error = String;
+    fn try_from(value: String) -> Result<Self, String> {
+        choice(&value, Self::NAMES).map_err(|e| format!("shared_fs.cache: {e}"))
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HypervisorConfig {
@@ -40,9 +157,9 @@ pub struct HypervisorConfig {
     pub vcpus: u8,
     pub memory_mib: u64,
     pub cpuid_hide: Vec<String>,
-    pub host_profile: String,
+    pub host_profile: HostProfile,
     pub kernel_args: String,
-    pub console: String,
+    pub console: Console,
     /// The guest kernel's console log level (`loglevel=`); 4 is `quiet`.
     pub guest_loglevel: u8,
 }
@@ -55,9 +172,9 @@ impl Default for HypervisorConfig {
             vcpus: 1,
             memory_mib: 256,
             cpuid_hide: Vec::new(),
-            host_profile: "auto".into(),
+            host_profile: HostProfile::Auto,
             kernel_args: String::new(),
-            console: "log".into(),
+            console: Console::Log,
             guest_loglevel: DEFAULT_GUEST_LOGLEVEL,
         }
     }
@@ -149,14 +266,14 @@ impl AgentConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SharedFsConfig {
-    pub cache: String,
+    pub cache: CachePolicy,
     pub xattr: bool,
 }
 
 impl Default for SharedFsConfig {
     fn default() -> Self {
         Self {
-            cache: "auto".into(),
+            cache: CachePolicy::Auto,
             xattr: false,
         }
     }
@@ -192,8 +309,6 @@ pub struct Config {
 }
 
 const LOG_LEVELS: &[&str] = &["trace", "debug", "info", "warn", "error"];
-const HOST_PROFILES: &[&str] = &["auto", "native", "nested-pvm"];
-const CACHE_POLICIES: &[&str] = &["never", "metadata", "auto", "always"];
 
 fn one_of(
     path: &Path,
@@ -222,11 +337,19 @@ impl Config {
         })?;
         config.source = path.to_path_buf();
         let base = path.parent().unwrap_or(Path::new("/"));
+        let console = match &mut config.hypervisor.console {
+            Console::File(p) => Some(p),
+            Console::Log | Console::None => None,
+        };
         for p in [
-            &mut config.hypervisor.kernel,
-            &mut config.hypervisor.initrd,
-            &mut config.runtime.state_dir,
-        ] {
+            Some(&mut config.hypervisor.kernel),
+            Some(&mut config.hypervisor.initrd),
+            Some(&mut config.runtime.state_dir),
+            console,
+        ]
+        .into_iter()
+        .flatten()
+        {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -318,24 +441,12 @@ impl Config {
                 "must be 0 to 8 (kernel console log levels)".into(),
             ));
         }
-        one_of(
-            path,
-            "hypervisor.host_profile",
-            &self.hypervisor.host_profile,
-            HOST_PROFILES,
-        )?;
         one_of(path, "agent.log_level", &self.agent.log_level, LOG_LEVELS)?;
         one_of(
             path,
             "runtime.log_level",
             &self.runtime.log_level,
             LOG_LEVELS,
-        )?;
-        one_of(
-            path,
-            "shared_fs.cache",
-            &self.shared_fs.cache,
-            CACHE_POLICIES,
         )?;
         Ok(())
     }
@@ -403,6 +514,68 @@ mod tests {
         );
         let e = Config::parse("[nonsense]\n", path).unwrap_err().to_string();
         assert!(e.contains("nonsense"), "{e}");
+    }
+
+    #[test]
+    fn choices_parse_into_enums() {
+        let path = Path::new("/etc/husk/husk.toml");
+        let config = Config::parse(
+            "[hypervisor]\nhost_profile = \"nested-pvm\"\nconsole = \"none\"\n\
+             [shared_fs]\ncache = \"metadata\"\n",
+            path,
+        )
+        .unwrap();
+        assert_eq!(config.hypervisor.host_profile, HostProfile::NestedPvm);
+        assert_eq!(config.hypervisor.console, Console::None);
+        assert_eq!(config.shared_fs.cache, CachePolicy::Metadata);
+
+        let config = Config::parse("[hypervisor]\nconsole = \"console.log\"\n", path).unwrap();
+        assert_eq!(
+            config.hypervisor.console,
+            Console::File("/etc/husk/console.log".into()),
+            "relative to the config's directory"
+        );
+        let config = Config::parse("[hypervisor]\nconsole = \"/var/log/c\"\n", path).unwrap();
+        assert_eq!(
+            config.hypervisor.console,
+            Console::File("/var/log/c".into())
+        );
+        assert_eq!("native".parse(), Ok(HostProfile::Native));
+        assert_eq!("log".parse(), Ok(Console::Log));
+    }
+
+    #[test]
+    fn bad_choices_name_the_key_and_the_allowed_values() {
+        let path = Path::new("/etc/husk/husk.toml");
+        for (bad, key, allowed) in [
+            (
+                "[hypervisor]\nhost_profile = \"pvm\"\n",
+                "hypervisor.host_profile",
+                "auto, native, nested-pvm",
+            ),
+            (
+                "[shared_fs]\ncache = \"sometimes\"\n",
+                "shared_fs.cache",
+                "never, metadata, auto, always",
+            ),
+            (
+                "[hypervisor]\nconsole = \"\"\n",
+                "hypervisor.console",
+                "\"log\", \"none\" or a file path",
+            ),
+            ("[hypervisor]\nhost_profile = 1\n", "host_profile", "string"),
+        ] {
+            let e = Config::parse(bad, path).unwrap_err().to_string();
+            assert!(
+                e.contains(key) && e.contains(allowed) && e.contains("/etc/husk/husk.toml"),
+                "{bad:?}: {e}"
+            );
+        }
+        let e = "pvm".parse::<HostProfile>().unwrap_err();
+        assert!(
+            e.contains("\"pvm\" is not one of auto, native, nested-pvm"),
+            "{e}"
+        );
     }
 
     #[test]
