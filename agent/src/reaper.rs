@@ -165,7 +165,7 @@ mod tests {
             .args(["-c", script])
             .spawn()
             .unwrap();
-        let pid = Pid::from_raw(child.id() as i32);
+        let pid = Pid::from_raw(i32::try_from(child.id()).unwrap());
         (pid, guard.register(pid))
     }
 
@@ -187,7 +187,7 @@ mod tests {
             .args(["-c", "exit 7"])
             .spawn()
             .unwrap();
-        let stranger = Pid::from_raw(stranger.id() as i32);
+        let stranger = Pid::from_raw(i32::try_from(stranger.id()).unwrap());
 
         let wait = |rx| tokio::time::timeout(Duration::from_secs(10), rx);
         let exited = wait(exited).await.unwrap().unwrap();
@@ -227,7 +227,7 @@ mod tests {
                     .args(["-c", "exit 9"])
                     .spawn()
                     .unwrap();
-                let rx = guard.register(Pid::from_raw(child.id() as i32));
+                let rx = guard.register(Pid::from_raw(i32::try_from(child.id()).unwrap()));
                 let _ = released.recv();
                 drop(guard);
                 rx

@@ -137,7 +137,7 @@ async fn sigterm_stops_the_host_mode_agent() {
     client.check(ctx, &CheckRequest::new()).await.unwrap();
 
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(agent.child.id() as i32),
+        nix::unistd::Pid::from_raw(i32::try_from(agent.child.id()).unwrap()),
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();

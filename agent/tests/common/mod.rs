@@ -22,7 +22,7 @@ use ttrpc::asynchronous::Client;
 pub const RPC_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub fn ctx() -> ttrpc::context::Context {
-    ttrpc::context::with_timeout(RPC_TIMEOUT.as_nanos() as i64)
+    ttrpc::context::with_timeout(i64::try_from(RPC_TIMEOUT.as_nanos()).unwrap())
 }
 
 /// The host's cgroup2 mount (`/sys/fs/cgroup/unified` on hybrid hosts).
@@ -321,7 +321,7 @@ pub async fn signal(client: &AgentServiceClient, id: &str, exec: &str, sig: i32,
     let mut req = SignalProcessRequest::new();
     req.container_id = id.into();
     req.exec_id = exec.into();
-    req.signal = sig as u32;
+    req.signal = u32::try_from(sig).unwrap();
     req.all = all;
     client.signal_process(ctx(), &req).await.unwrap();
 }

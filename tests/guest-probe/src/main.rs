@@ -16,6 +16,14 @@ fn parse(addr: &str) -> Option<(u32, u32)> {
     Some((cid.parse().ok()?, port.parse().ok()?))
 }
 
+// AF_VSOCK (40) and the size of sockaddr_vm (16) fit the C types the
+// kernel wants them in; constants, so `as` cannot truncate here.
+#[allow(clippy::cast_possible_truncation)]
+const VSOCK_FAMILY: libc::sa_family_t = libc::AF_VSOCK as libc::sa_family_t;
+#[allow(clippy::cast_possible_truncation)]
+const SOCKADDR_VM_LEN: libc::socklen_t =
+    std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+
 /// Connects a vsock stream socket to `cid:port`; `Ok` if it connected.
 fn vsock_connect(cid: u32, port: u32) -> std::io::Result<()> {
     // SAFETY: socket(2) with constant arguments; the result is checked.
@@ -25,18 +33,12 @@ fn vsock_connect(cid: u32, port: u32) -> std::io::Result<()> {
     }
     // SAFETY: sockaddr_vm is plain data; all-zero is a valid value.
     let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
-    addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    addr.svm_family = VSOCK_FAMILY;
     addr.svm_cid = cid;
     addr.svm_port = port;
     // SAFETY: `addr` is a valid sockaddr_vm of the length passed; `fd` is
     // the socket just created.
-    let rc = unsafe {
-        libc::connect(
-            fd,
-            std::ptr::addr_of!(addr).cast(),
-            std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
-        )
-    };
+    let rc = unsafe { libc::connect(fd, std::ptr::addr_of!(addr).cast(), SOCKADDR_VM_LEN) };
     let result = if rc == 0 {
         Ok(())
     } else {
