@@ -6,33 +6,25 @@ use std::ffi::CString;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fuse_backend_rs::abi::fuse_abi::*;
 use virtio_bindings::bindings::virtio_ring::{
     VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
 };
-use virtio_queue::desc::{split::Descriptor, RawDescriptor};
-use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::QueueT;
-use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use virtio_queue::desc::RawDescriptor;
+use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::FsOptions;
 use super::*;
 use crate::bus::BusDevice;
 use crate::devices::virtio::mmio::*;
-use crate::devices::virtio::ActiveQueue;
-use crate::devices::virtio::Interrupt;
+use crate::devices::virtio::test_utils::{
+    activate, bring_up, kick, mem, raw, transport, TestQueue,
+};
 
 const QSIZE: u16 = 256;
-/// Rings: hiprio at 0, request at QUEUE_STRIDE; in each, the descriptor
-/// table and avail ring where MockSplitQueue puts them and the used ring at
-/// USED_OFFSET, because MockSplitQueue (virtio-queue 0.17) places its used
-/// ring over the second half of its avail ring.
-const QUEUE_STRIDE: u64 = 0x1_0000;
-const USED_OFFSET: u64 = 0x8000;
 const MEM_SIZE: usize = 0x400_0000;
 /// Request slots: the request at +0, the reply buffer at +REPLY.
 const SLOT_BASE: u64 = 0x20_0000;
@@ -70,14 +62,6 @@ pub fn test_dir(name: &str) -> TestDir {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     TestDir(dir)
-}
-
-fn mem() -> GuestMemoryMmap {
-    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
-}
-
-fn raw(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
-    RawDescriptor::from(Descriptor::new(addr, len, flags, next))
 }
 
 fn cstr(s: &str) -> Vec<u8> {
@@ -119,7 +103,7 @@ enum Dev {
 struct Guest<'a> {
     mem: &'a GuestMemoryMmap,
     dev: Dev,
-    queues: [MockSplitQueue<'a, GuestMemoryMmap>; 2],
+    queues: [TestQueue<'a>; 2],
     notify: Vec<EventFd>,
     next_desc: [u16; 2],
     seen: [u16; 2],
@@ -134,9 +118,7 @@ struct Guest<'a> {
 
 impl<'a> Guest<'a> {
     fn new(mem: &'a GuestMemoryMmap, fs: Fs) -> Self {
-        let irq = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
-        let t = MmioTransport::new(mem.clone(), Box::new(fs), irq).unwrap();
-        let mut g = Self::unstarted(mem, Dev::Mmio(t));
+        let mut g = Self::unstarted(mem, Dev::Mmio(transport(mem, Box::new(fs))));
         g.bring_up();
         g
     }
@@ -144,34 +126,8 @@ impl<'a> Guest<'a> {
     /// Activates the device without the transport, as a driver with
     /// VERSION_1 and the test's rings would have it.
     fn direct(mem: &'a GuestMemoryMmap, mut fs: Fs) -> Self {
-        let queues = [0, QUEUE_STRIDE].map(|a| MockSplitQueue::create(mem, GuestAddress(a), QSIZE));
-        let notify: Vec<EventFd> = (0..2)
-            .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
-            .collect();
-        let active = queues
-            .iter()
-            .zip(&notify)
-            .enumerate()
-            .map(|(i, (q, e))| {
-                let mut queue: virtio_queue::Queue = q.create_queue().unwrap();
-                let used = Self::used_addr(i);
-                mem.write_slice(&[0u8; 4], used).unwrap();
-                queue.set_used_ring_address(Some(used.0 as u32), Some(0));
-                ActiveQueue {
-                    queue,
-                    notify: e.try_clone().unwrap(),
-                }
-            })
-            .collect();
-        let irqfd = EventFd::new(EFD_NONBLOCK).unwrap();
-        let irq = Arc::new(Interrupt::new(irqfd.try_clone().unwrap()));
-        fs.activate(ActivateContext {
-            mem: mem.clone(),
-            acked_features: VIRTIO_F_VERSION_1,
-            queues: active,
-            interrupt: irq,
-        })
-        .unwrap();
+        let queues = TestQueue::at_strides(mem, QSIZE);
+        let (notify, irqfd) = activate(&mut fs, mem, VIRTIO_F_VERSION_1, &[&queues[0], &queues[1]]);
         let mut g = Self::unstarted(mem, Dev::Direct(fs));
         g.queues = queues;
         g.notify = notify;
@@ -180,11 +136,10 @@ impl<'a> Guest<'a> {
     }
 
     fn unstarted(mem: &'a GuestMemoryMmap, dev: Dev) -> Self {
-        let queues = [0, QUEUE_STRIDE].map(|a| MockSplitQueue::create(mem, GuestAddress(a), QSIZE));
         Guest {
             mem,
             dev,
-            queues,
+            queues: TestQueue::at_strides(mem, QSIZE),
             notify: Vec::new(),
             next_desc: [0; 2],
             seen: [0; 2],
@@ -209,49 +164,13 @@ impl<'a> Guest<'a> {
         }
     }
 
-    /// Brings the device up through its registers, as the Linux driver does.
+    /// Brings the device up through its registers, as the Linux driver does,
+    /// with VIRTIO_F_VERSION_1 and VIRTIO_RING_F_INDIRECT_DESC, on fresh rings.
     fn bring_up(&mut self) {
-        let mem = self.mem;
-        let t = self.transport();
-        let w = |t: &mut MmioTransport, off: u64, v: u32| t.write(off, &v.to_le_bytes());
-        w(t, 0x70, 0);
-        w(t, 0x70, STATUS_ACKNOWLEDGE);
-        w(t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
-        // VIRTIO_F_VERSION_1 (bit 32) and VIRTIO_RING_F_INDIRECT_DESC (bit 28).
-        w(t, 0x24, 1);
-        w(t, 0x20, 1);
-        w(t, 0x24, 0);
-        w(t, 0x20, 1 << VIRTIO_RING_F_INDIRECT_DESC);
-        let feat_ok = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK;
-        w(t, 0x70, feat_ok);
-        let mut st = [0u8; 4];
-        t.read(0x70, &mut st);
-        assert_eq!(u32::from_le_bytes(st), feat_ok, "features refused");
-        let queues = [0, QUEUE_STRIDE].map(|a| MockSplitQueue::create(mem, GuestAddress(a), QSIZE));
-        for (i, q) in queues.iter().enumerate() {
-            w(t, 0x30, i as u32);
-            w(t, 0x38, u32::from(QSIZE));
-            mem.write_slice(&[0u8; 4], Self::used_addr(i)).unwrap();
-            for (reg, addr) in [
-                (0x80, q.desc_table_addr()),
-                (0x90, q.avail_addr()),
-                (0xa0, Self::used_addr(i)),
-            ] {
-                w(t, reg, addr.0 as u32);
-                w(t, reg + 4, (addr.0 >> 32) as u32);
-            }
-            w(t, 0x44, 1);
-        }
-        w(t, 0x70, feat_ok | STATUS_DRIVER_OK);
-        t.read(0x70, &mut st);
-        assert_eq!(u32::from_le_bytes(st), feat_ok | STATUS_DRIVER_OK);
-        let notify = t
-            .queue_events()
-            .iter()
-            .map(|e| e.try_clone().unwrap())
-            .collect();
+        let queues = TestQueue::at_strides(self.mem, QSIZE);
+        let features = VIRTIO_F_VERSION_1 | 1 << VIRTIO_RING_F_INDIRECT_DESC;
+        self.notify = bring_up(self.transport(), features, &[&queues[0], &queues[1]]);
         self.queues = queues;
-        self.notify = notify;
         self.next_desc = [0; 2];
         self.seen = [0; 2];
     }
@@ -263,22 +182,13 @@ impl<'a> Guest<'a> {
         self.bring_up();
     }
 
-    fn used_addr(q: usize) -> GuestAddress {
-        GuestAddress(q as u64 * QUEUE_STRIDE + USED_OFFSET)
-    }
-
     fn used_idx(&self, q: usize) -> u16 {
-        self.mem
-            .read_obj(Self::used_addr(q).unchecked_add(2))
-            .unwrap()
+        self.queues[q].used_idx()
     }
 
     /// (id, len) of used ring entry `i`.
     fn used_elem(&self, q: usize, i: u16) -> (u32, u32) {
-        let at = Self::used_addr(q).unchecked_add(4 + 8 * u64::from(i % QSIZE));
-        let id: u32 = self.mem.read_obj(at).unwrap();
-        let len: u32 = self.mem.read_obj(at.unchecked_add(4)).unwrap();
-        (id, len)
+        self.queues[q].used_elem(i)
     }
 
     fn table(&self, q: usize, i: u16, d: RawDescriptor) {
@@ -304,15 +214,8 @@ impl<'a> Guest<'a> {
     /// Makes `head` available on queue `q`, kicks, and waits until the device
     /// returns it. Returns the used length.
     fn submit(&mut self, q: usize, head: u16) -> u32 {
-        let avail = self.queues[q].avail();
-        let idx = avail.idx().load();
-        avail
-            .ring()
-            .ref_at(usize::from(idx % QSIZE))
-            .unwrap()
-            .store(head);
-        avail.idx().store(idx.wrapping_add(1));
-        self.notify[q].write(1).unwrap();
+        self.queues[q].push_avail(head);
+        kick(&self.notify, q);
         let end = Instant::now() + WAIT;
         while self.used_idx(q) == self.seen[q] {
             assert!(Instant::now() < end, "chain {head} not returned");
@@ -673,7 +576,7 @@ fn config_space_holds_tag_and_queue_count_and_bad_arguments_are_refused() {
 #[test]
 fn serves_init_lookup_getattr_open_read_and_readdir() {
     let dir = populated("basic");
-    let m = mem();
+    let m = mem(MEM_SIZE);
     let mut g = Guest::new(&m, Fs::new("husk", &dir, rw()).unwrap());
     let init = g.init();
     assert_eq!(init.major, 7);
@@ -732,7 +635,7 @@ fn serves_init_lookup_getattr_open_read_and_readdir() {
 #[test]
 fn a_read_only_share_refuses_every_change_and_a_writable_one_takes_them() {
     let dir = populated("ro");
-    let m = mem();
+    let m = mem(MEM_SIZE);
     let opts = FsOptions {
         read_only: true,
         ..rw()
@@ -785,7 +688,7 @@ fn a_read_only_share_refuses_every_change_and_a_writable_one_takes_them() {
 
     // The same requests on a writable share do change the host directory.
     let dir = populated("rw");
-    let m = mem();
+    let m = mem(MEM_SIZE);
     let mut g = Guest::new(&m, Fs::new("husk", &dir, rw()).unwrap());
     g.init();
     let (e, fh) = g
@@ -819,7 +722,7 @@ fn the_guest_cannot_leave_the_shared_directory() {
     std::fs::create_dir_all(&outside).unwrap();
     std::fs::write(outside.join("secret"), b"host secret").unwrap();
     let outside_name = outside.file_name().unwrap().to_str().unwrap().to_owned();
-    let m = mem();
+    let m = mem(MEM_SIZE);
     let mut g = Guest::new(&m, Fs::new("husk", &dir, rw()).unwrap());
     g.init();
 
@@ -906,7 +809,7 @@ fn init_does_not_change_the_shims_umask_and_reset_stops_the_worker() {
     unsafe { libc::umask(0o022) };
     let before = process_umask();
     assert_eq!(before, 0o022);
-    let m = mem();
+    let m = mem(MEM_SIZE);
     let mut g = Guest::direct(&m, Fs::new("husk", &dir, rw()).unwrap());
     g.init();
     // PassthroughFs set the worker's umask to 0...
@@ -935,7 +838,7 @@ fn init_does_not_change_the_shims_umask_and_reset_stops_the_worker() {
 #[test]
 fn a_driver_reset_starts_over_with_a_fresh_file_system() {
     let dir = populated("restart");
-    let m = mem();
+    let m = mem(MEM_SIZE);
     let mut g = Guest::new(&m, Fs::new("husk", &dir, rw()).unwrap());
     g.init();
     let e = g.lookup(1, "hello.txt").unwrap();
@@ -987,7 +890,7 @@ fn mounts_made_after_the_device_started_are_seen_and_need_a_lazy_unmount() {
     let dir = test_dir("mounts");
     let rootfs = dir.join("c1/rootfs");
     std::fs::create_dir_all(&rootfs).unwrap();
-    let m = mem();
+    let m = mem(MEM_SIZE);
     let mut g = Guest::new(&m, Fs::new("husk", &dir, rw()).unwrap());
     g.init();
     let c1 = g.lookup(1, "c1").unwrap();
@@ -1025,7 +928,7 @@ fn host_descriptors_held_for_the_guest_are_capped() {
     for i in 0..8 {
         std::fs::write(dir.join(format!("f{i}")), b"x").unwrap();
     }
-    let m = mem();
+    let m = mem(MEM_SIZE);
     let opts = FsOptions {
         max_host_fds: Some(4),
         ..rw()
@@ -1088,7 +991,7 @@ fn host_descriptors_held_for_the_guest_are_capped() {
 #[test]
 fn malformed_chains_get_an_error_or_are_dropped_and_never_stall_the_device() {
     let dir = populated("malformed");
-    let m = mem();
+    let m = mem(MEM_SIZE);
     let mut g = Guest::new(&m, Fs::new("husk", &dir, rw()).unwrap());
     g.init();
     let q = worker::REQUEST;
@@ -1211,15 +1114,8 @@ fn malformed_chains_get_an_error_or_are_dropped_and_never_stall_the_device() {
     assert_eq!(g.call(Opcode::Getxattr, 1, &body).errno(), libc::ENOSYS);
 
     // A head index beyond the queue: consumed, nothing stalls.
-    let avail = g.queues[q].avail();
-    let idx = avail.idx().load();
-    avail
-        .ring()
-        .ref_at(usize::from(idx % QSIZE))
-        .unwrap()
-        .store(QSIZE + 5);
-    avail.idx().store(idx.wrapping_add(1));
-    g.notify[q].write(1).unwrap();
+    g.queues[q].push_avail(QSIZE + 5);
+    kick(&g.notify, q);
     std::thread::sleep(Duration::from_millis(50));
     // The device may or may not return it; either way, resync and go on.
     g.seen[q] = g.used_idx(q);
@@ -1230,7 +1126,7 @@ fn malformed_chains_get_an_error_or_are_dropped_and_never_stall_the_device() {
 #[test]
 fn requests_in_indirect_tables_and_on_the_hiprio_queue_are_served() {
     let dir = populated("indirect");
-    let m = mem();
+    let m = mem(MEM_SIZE);
     let mut g = Guest::new(&m, Fs::new("husk", &dir, rw()).unwrap());
     g.init();
     let (slot, len) = g.write_request(Opcode::Lookup as u32, 1, &cstr("hello.txt"));
@@ -1375,7 +1271,7 @@ fn walk(g: &mut Guest) {
 #[ignore]
 fn measure_in_process_cost() {
     let dir = rootfs_like("measure");
-    let m = mem();
+    let m = mem(MEM_SIZE);
     // Guest RAM the test's "driver" touches is the guest's, not the device's.
     m.write_slice(
         &vec![0u8; (SLOT_BASE + SLOTS * SLOT_SIZE) as usize],

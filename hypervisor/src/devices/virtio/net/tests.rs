@@ -6,30 +6,21 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use virtio_bindings::bindings::virtio_net::*;
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
-use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::QueueT;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::*;
-use crate::bus::BusDevice;
 use crate::devices::virtio::mmio::*;
-use crate::devices::virtio::ActiveQueue;
-use crate::devices::virtio::{ActivateContext, Interrupt};
+use crate::devices::virtio::test_utils::{
+    activate, bring_up, features, kick, mem, raw, transport, TestQueue,
+};
 
 const QSIZE: u16 = 256;
-/// Rings: rx at 0, tx at QUEUE_STRIDE; in each, the descriptor table and
-/// avail ring where MockSplitQueue puts them and the used ring at
-/// USED_OFFSET, because MockSplitQueue (virtio-queue 0.17) places its used
-/// ring over the second half of its avail ring.
-const QUEUE_STRIDE: u64 = 0x1_0000;
-const USED_OFFSET: u64 = 0x8000;
 const MEM_SIZE: usize = 0x200_0000;
 const RX_BASE: u64 = 0x10_0000;
 const RX_SLOT: u64 = 0x2_0000;
@@ -43,14 +34,6 @@ const GUEST_MAC: [u8; 6] = [0x02, 0x48, 0x55, 0x53, 0x4b, 0x01];
 const PEER_MAC: [u8; 6] = [0x02, 0x48, 0x55, 0x53, 0x4b, 0x02];
 /// IEEE 802 "local experimental" EtherType: nothing else on the tap uses it.
 const ETHERTYPE: [u8; 2] = [0x88, 0xb5];
-
-fn mem() -> GuestMemoryMmap {
-    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
-}
-
-fn raw(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
-    RawDescriptor::from(Descriptor::new(addr, len, flags, next))
-}
 
 fn ip(args: &[&str]) {
     let out = Command::new("ip").args(args).output().unwrap();
@@ -284,8 +267,8 @@ enum Dev {
 struct Guest<'a> {
     mem: &'a GuestMemoryMmap,
     dev: Dev,
-    rx: MockSplitQueue<'a, GuestMemoryMmap>,
-    tx: MockSplitQueue<'a, GuestMemoryMmap>,
+    rx: TestQueue<'a>,
+    tx: TestQueue<'a>,
     notify: Vec<EventFd>,
     rx_posted: u16,
     rx_seen: u16,
@@ -294,111 +277,27 @@ struct Guest<'a> {
     tx_avail: u16,
 }
 
-fn used_addr(q: usize) -> GuestAddress {
-    GuestAddress(q as u64 * QUEUE_STRIDE + USED_OFFSET)
-}
-
-fn used_idx(mem: &GuestMemoryMmap, q: usize) -> u16 {
-    mem.read_obj(used_addr(q).unchecked_add(2)).unwrap()
-}
-
-/// (id, len) of used ring entry `i` of queue `q`.
-fn used_elem(mem: &GuestMemoryMmap, q: usize, i: u16) -> (u32, u32) {
-    let at = used_addr(q).unchecked_add(4 + 8 * u64::from(i % QSIZE));
-    (
-        mem.read_obj(at).unwrap(),
-        mem.read_obj(at.unchecked_add(4)).unwrap(),
-    )
-}
-
-fn features(bits: &[u32]) -> u64 {
-    bits.iter().fold(VIRTIO_F_VERSION_1, |f, &b| f | 1 << b)
-}
-
 impl<'a> Guest<'a> {
     /// Brings the device up through its registers acking `acked`, as Linux does.
     fn via_mmio(mem: &'a GuestMemoryMmap, net: Net, acked: u64) -> Self {
-        let irq = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
-        let mut t = MmioTransport::new(mem.clone(), Box::new(net), irq).unwrap();
-        let w = |t: &mut MmioTransport, off: u64, v: u32| t.write(off, &v.to_le_bytes());
-        w(&mut t, 0x70, 0);
-        w(&mut t, 0x70, STATUS_ACKNOWLEDGE);
-        w(&mut t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
-        for sel in 0..2u32 {
-            w(&mut t, 0x24, sel);
-            w(&mut t, 0x20, (acked >> (32 * sel)) as u32);
-        }
-        let feat_ok = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK;
-        w(&mut t, 0x70, feat_ok);
-        let mut st = [0u8; 4];
-        t.read(0x70, &mut st);
-        assert_eq!(u32::from_le_bytes(st), feat_ok, "features refused");
-        let [rx, tx] = Self::rings(mem);
-        for (i, q) in [&rx, &tx].into_iter().enumerate() {
-            w(&mut t, 0x30, i as u32);
-            w(&mut t, 0x38, u32::from(QSIZE));
-            mem.write_slice(&[0u8; 4], used_addr(i)).unwrap();
-            for (reg, addr) in [
-                (0x80, q.desc_table_addr()),
-                (0x90, q.avail_addr()),
-                (0xa0, used_addr(i)),
-            ] {
-                w(&mut t, reg, addr.0 as u32);
-                w(&mut t, reg + 4, (addr.0 >> 32) as u32);
-            }
-            w(&mut t, 0x44, 1);
-        }
-        w(&mut t, 0x70, feat_ok | STATUS_DRIVER_OK);
-        t.read(0x70, &mut st);
-        assert_eq!(u32::from_le_bytes(st), feat_ok | STATUS_DRIVER_OK);
-        let notify = t
-            .queue_events()
-            .iter()
-            .map(|e| e.try_clone().unwrap())
-            .collect();
+        let mut t = transport(mem, Box::new(net));
+        let [rx, tx] = TestQueue::at_strides(mem, QSIZE);
+        let notify = bring_up(&mut t, acked, &[&rx, &tx]);
         Self::new(mem, Dev::Mmio(t), rx, tx, notify, acked)
     }
 
     /// Activates the device directly (to inspect it afterwards).
     fn direct(mem: &'a GuestMemoryMmap, mut net: Net, acked: u64) -> Self {
-        let [rx, tx] = Self::rings(mem);
-        let notify: Vec<EventFd> = (0..2)
-            .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
-            .collect();
-        let queues = [&rx, &tx]
-            .into_iter()
-            .zip(&notify)
-            .enumerate()
-            .map(|(i, (q, e))| {
-                let mut queue: virtio_queue::Queue = q.create_queue().unwrap();
-                mem.write_slice(&[0u8; 4], used_addr(i)).unwrap();
-                queue.set_used_ring_address(Some(used_addr(i).0 as u32), Some(0));
-                ActiveQueue {
-                    queue,
-                    notify: e.try_clone().unwrap(),
-                }
-            })
-            .collect();
-        let irq = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
-        net.activate(ActivateContext {
-            mem: mem.clone(),
-            acked_features: acked,
-            queues,
-            interrupt: irq,
-        })
-        .unwrap();
+        let [rx, tx] = TestQueue::at_strides(mem, QSIZE);
+        let (notify, _irq) = activate(&mut net, mem, acked, &[&rx, &tx]);
         Self::new(mem, Dev::Direct(net), rx, tx, notify, acked)
-    }
-
-    fn rings(mem: &'a GuestMemoryMmap) -> [MockSplitQueue<'a, GuestMemoryMmap>; 2] {
-        [0, QUEUE_STRIDE].map(|a| MockSplitQueue::create(mem, GuestAddress(a), QSIZE))
     }
 
     fn new(
         mem: &'a GuestMemoryMmap,
         dev: Dev,
-        rx: MockSplitQueue<'a, GuestMemoryMmap>,
-        tx: MockSplitQueue<'a, GuestMemoryMmap>,
+        rx: TestQueue<'a>,
+        tx: TestQueue<'a>,
         notify: Vec<EventFd>,
         acked: u64,
     ) -> Self {
@@ -426,17 +325,7 @@ impl<'a> Guest<'a> {
     }
 
     fn kick(&self, q: usize) {
-        self.notify[q].write(1).unwrap();
-    }
-
-    fn push_avail(q: &MockSplitQueue<'a, GuestMemoryMmap>, head: u16) {
-        let idx = q.avail().idx().load();
-        q.avail()
-            .ring()
-            .ref_at(usize::from(idx % QSIZE))
-            .unwrap()
-            .store(head);
-        q.avail().idx().store(idx.wrapping_add(1));
+        kick(&self.notify, q);
     }
 
     /// Posts `n` rx buffers of rx_buf_len bytes (one descriptor each).
@@ -449,14 +338,14 @@ impl<'a> Guest<'a> {
                 .desc_table()
                 .store(slot, raw(addr, self.rx_buf_len, WRITE, 0))
                 .unwrap();
-            Self::push_avail(&self.rx, slot);
+            self.rx.push_avail(slot);
             self.rx_posted = self.rx_posted.wrapping_add(1);
         }
         self.kick(0);
     }
 
     fn rx_used(&self) -> u16 {
-        used_idx(self.mem, 0)
+        self.rx.used_idx()
     }
 
     fn next_used(&mut self, timeout: Duration) -> Option<(u16, u32)> {
@@ -467,13 +356,13 @@ impl<'a> Guest<'a> {
             }
             std::thread::sleep(Duration::from_millis(1));
         }
-        let (id, len) = used_elem(self.mem, 0, self.rx_seen);
+        let (id, len) = self.rx.used_elem(self.rx_seen);
         self.rx_seen = self.rx_seen.wrapping_add(1);
         Some((id as u16, len))
     }
 
     fn read_buf(&self, head: u16, len: u32) -> Vec<u8> {
-        let d = Descriptor::from(self.rx.desc_table().load(head).unwrap());
+        let d = self.rx.descriptor(head);
         let mut data = vec![0u8; len as usize];
         self.mem.read_slice(&mut data, d.addr()).unwrap();
         data
@@ -541,7 +430,7 @@ impl<'a> Guest<'a> {
     }
 
     fn submit_tx(&mut self, head: u16) {
-        Self::push_avail(&self.tx, head);
+        self.tx.push_avail(head);
         self.tx_avail = self.tx_avail.wrapping_add(1);
         self.kick(1);
     }
@@ -549,7 +438,7 @@ impl<'a> Guest<'a> {
     /// Waits until the device returned every tx chain submitted so far.
     fn wait_tx(&self) {
         let end = Instant::now() + WAIT;
-        while used_idx(self.mem, 1) != self.tx_avail {
+        while self.tx.used_idx() != self.tx_avail {
             assert!(Instant::now() < end, "tx chains not returned");
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -699,7 +588,7 @@ fn open_tap_works_in_the_namespace_and_leaves_the_callers_alone() {
 fn frames_the_guest_sends_come_out_of_the_tap() {
     let (_ns, net, sock) = setup("tx", None);
     let stats = net.stats();
-    let m = mem();
+    let m = mem(MEM_SIZE);
     let mut g = Guest::via_mmio(&m, net, all_offloads());
     let small = eth([0xff; 6], GUEST_MAC, 100, 1);
     g.send(&small);
@@ -722,7 +611,7 @@ fn frames_the_guest_sends_come_out_of_the_tap() {
 fn frames_from_the_tap_arrive_in_rx_buffers_merged_or_not() {
     for mrg in [true, false] {
         let (_ns, net, sock) = setup(if mrg { "rx-mrg" } else { "rx-big" }, None);
-        let m = mem();
+        let m = mem(MEM_SIZE);
         let acked = if mrg {
             all_offloads()
         } else {
@@ -775,7 +664,7 @@ fn checksum_offload_follows_what_the_guest_negotiated() {
             "nud",
             "permanent",
         ]);
-        let m = mem();
+        let m = mem(MEM_SIZE);
         let acked = if guest_csum {
             all_offloads()
         } else {
@@ -834,7 +723,7 @@ fn thread_cpu_ticks(tid: i32) -> u64 {
 #[test]
 fn without_rx_buffers_frames_wait_in_the_tap_and_the_worker_sleeps() {
     let (_ns, net, sock) = setup("nobuf", None);
-    let m = mem();
+    let m = mem(MEM_SIZE);
     let mut g = Guest::direct(&m, net, all_offloads());
     let frames: Vec<Vec<u8>> = (0..3).map(|i| eth(GUEST_MAC, PEER_MAC, 200, i)).collect();
     for f in &frames {
@@ -871,7 +760,7 @@ fn without_rx_buffers_frames_wait_in_the_tap_and_the_worker_sleeps() {
 fn a_deleted_tap_neither_spins_the_worker_nor_stalls_tx() {
     let (ns, net, _sock) = setup("gone", None);
     let stats = net.stats();
-    let m = mem();
+    let m = mem(MEM_SIZE);
     let mut g = Guest::direct(&m, net, all_offloads());
     g.post_rx(8);
     // The pod's interface goes away under the running device.
@@ -896,7 +785,7 @@ fn a_deleted_tap_neither_spins_the_worker_nor_stalls_tx() {
 fn malformed_tx_chains_are_dropped_and_never_stall_the_device() {
     let (_ns, net, sock) = setup("bad-tx", None);
     let stats = net.stats();
-    let m = mem();
+    let m = mem(MEM_SIZE);
     // No CSUM/TSO acked: offloaded frames from the guest are refused.
     let mut g = Guest::via_mmio(&m, net, features(&[VIRTIO_NET_F_MRG_RXBUF]));
     let probe = |g: &mut Guest, sock: &PacketSocket, seed: u8| {
@@ -981,7 +870,7 @@ fn malformed_rx_buffers_are_returned_empty_and_good_ones_used() {
     let (ns, net, sock) = setup("bad-rx", None);
     // Room for a jumbo frame from the packet socket.
     ns.exec(&["ip", "link", "set", "tap0", "mtu", "9000"]);
-    let m = mem();
+    let m = mem(MEM_SIZE);
     let mut g = Guest::via_mmio(&m, net, all_offloads());
     let table = |g: &Guest, i: u16, d: RawDescriptor| g.rx.desc_table().store(i, d).unwrap();
     // Read-only; outside memory; zero length.
@@ -990,7 +879,7 @@ fn malformed_rx_buffers_are_returned_empty_and_good_ones_used() {
     table(&g, 202, raw(RX_BASE, 0, WRITE, 0));
     table(&g, 203, raw(RX_BASE + RX_SLOT, 4096, WRITE, 0));
     for head in [200, 201, 202, 203] {
-        Guest::push_avail(&g.rx, head);
+        g.rx.push_avail(head);
     }
     g.kick(0);
     let frame = eth(GUEST_MAC, PEER_MAC, 500, 5);
@@ -1023,7 +912,7 @@ fn malformed_rx_buffers_are_returned_empty_and_good_ones_used() {
 #[test]
 fn reset_stops_the_worker_and_drop_removes_the_tap() {
     let (ns, net, sock) = setup("reset", None);
-    let m = mem();
+    let m = mem(MEM_SIZE);
     let mut g = Guest::direct(&m, net, all_offloads());
     let f = eth([0xff; 6], GUEST_MAC, 80, 7);
     g.send(&f);

@@ -5,24 +5,23 @@
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use virtio_bindings::bindings::virtio_ring::{
     VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
 };
-use virtio_queue::desc::{split::Descriptor, RawDescriptor};
-use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::desc::RawDescriptor;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::connection::TX_BUF_SIZE;
 use super::packet::*;
 use super::*;
 use crate::bus::BusDevice;
 use crate::devices::virtio::mmio::*;
-use crate::devices::virtio::ActiveQueue;
-use crate::devices::virtio::{ActivateContext, Interrupt};
+use crate::devices::virtio::test_utils::{
+    activate, bring_up, kick, mem, raw, transport, TestQueue,
+};
 
 const CID: u64 = 42;
 const QSIZE: u16 = 256;
@@ -42,10 +41,6 @@ pub fn test_dir(name: &str) -> PathBuf {
     dir
 }
 
-fn mem() -> GuestMemoryMmap {
-    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
-}
-
 /// The device, either behind the MMIO transport or activated directly.
 enum Dev {
     Mmio(MmioTransport),
@@ -57,8 +52,8 @@ enum Dev {
 struct Guest<'a> {
     mem: &'a GuestMemoryMmap,
     dev: Dev,
-    rx: MockSplitQueue<'a, GuestMemoryMmap>,
-    tx: MockSplitQueue<'a, GuestMemoryMmap>,
+    rx: TestQueue<'a>,
+    tx: TestQueue<'a>,
     notify: Vec<EventFd>,
     rx_posted: u16,
     rx_seen: u16,
@@ -68,16 +63,12 @@ struct Guest<'a> {
     split_rx: bool,
 }
 
-fn queues(mem: &GuestMemoryMmap) -> [MockSplitQueue<'_, GuestMemoryMmap>; 3] {
-    [0x0, 0x1_0000, 0x2_0000].map(|a| MockSplitQueue::create(mem, GuestAddress(a), QSIZE))
-}
-
 impl<'a> Guest<'a> {
     /// Brings the device up through its MMIO registers, as the Linux driver does.
     fn via_mmio(mem: &'a GuestMemoryMmap, vsock: Vsock) -> Self {
-        let irq = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
-        let mut t = MmioTransport::new(mem.clone(), Box::new(vsock), irq).unwrap();
-        let (rx, tx, notify) = Self::bring_up(mem, &mut t);
+        let mut t = transport(mem, Box::new(vsock));
+        let [rx, tx, ev] = TestQueue::at_strides(mem, QSIZE);
+        let notify = bring_up(&mut t, VIRTIO_F_VERSION_1, &[&rx, &tx, &ev]);
         Self::new(mem, Dev::Mmio(t), rx, tx, notify)
     }
 
@@ -88,7 +79,8 @@ impl<'a> Guest<'a> {
             panic!("not behind the transport")
         };
         t.write(0x70, &0u32.to_le_bytes());
-        let (rx, tx, notify) = Self::bring_up(self.mem, t);
+        let [rx, tx, ev] = TestQueue::at_strides(self.mem, QSIZE);
+        let notify = bring_up(t, VIRTIO_F_VERSION_1, &[&rx, &tx, &ev]);
         *self = Self::new(
             self.mem,
             std::mem::replace(&mut self.dev, Dev::Gone),
@@ -98,80 +90,18 @@ impl<'a> Guest<'a> {
         );
     }
 
-    #[allow(clippy::type_complexity)]
-    fn bring_up(
-        mem: &'a GuestMemoryMmap,
-        t: &mut MmioTransport,
-    ) -> (
-        MockSplitQueue<'a, GuestMemoryMmap>,
-        MockSplitQueue<'a, GuestMemoryMmap>,
-        Vec<EventFd>,
-    ) {
-        let w = |t: &mut MmioTransport, off: u64, v: u32| t.write(off, &v.to_le_bytes());
-        w(t, 0x70, 0);
-        w(t, 0x70, STATUS_ACKNOWLEDGE);
-        w(t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
-        w(t, 0x24, 1);
-        w(t, 0x20, 1); // VIRTIO_F_VERSION_1
-        let feat_ok = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK;
-        w(t, 0x70, feat_ok);
-        let [rx, tx, ev] = queues(mem);
-        for (i, q) in [&rx, &tx, &ev].into_iter().enumerate() {
-            w(t, 0x30, i as u32);
-            w(t, 0x38, u32::from(QSIZE));
-            for (reg, addr) in [
-                (0x80, q.desc_table_addr()),
-                (0x90, q.avail_addr()),
-                (0xa0, q.used_addr()),
-            ] {
-                w(t, reg, addr.0 as u32);
-                w(t, reg + 4, (addr.0 >> 32) as u32);
-            }
-            w(t, 0x44, 1);
-        }
-        w(t, 0x70, feat_ok | STATUS_DRIVER_OK);
-        let mut st = [0u8; 4];
-        t.read(0x70, &mut st);
-        assert_eq!(u32::from_le_bytes(st), feat_ok | STATUS_DRIVER_OK);
-        let notify = t
-            .queue_events()
-            .iter()
-            .map(|e| e.try_clone().unwrap())
-            .collect();
-        (rx, tx, notify)
-    }
-
     /// Activates the device directly (to inspect it afterwards).
     fn direct(mem: &'a GuestMemoryMmap, mut vsock: Vsock) -> Self {
-        let [rx, tx, ev] = queues(mem);
-        let evts: Vec<EventFd> = (0..3)
-            .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
-            .collect();
-        let queues = [&rx, &tx, &ev]
-            .into_iter()
-            .zip(&evts)
-            .map(|(q, e)| ActiveQueue {
-                queue: q.create_queue().unwrap(),
-                notify: e.try_clone().unwrap(),
-            })
-            .collect();
-        let irq = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
-        vsock
-            .activate(ActivateContext {
-                mem: mem.clone(),
-                acked_features: VIRTIO_F_VERSION_1,
-                queues,
-                interrupt: irq,
-            })
-            .unwrap();
-        Self::new(mem, Dev::Direct(vsock), rx, tx, evts)
+        let [rx, tx, ev] = TestQueue::at_strides(mem, QSIZE);
+        let (notify, _irq) = activate(&mut vsock, mem, VIRTIO_F_VERSION_1, &[&rx, &tx, &ev]);
+        Self::new(mem, Dev::Direct(vsock), rx, tx, notify)
     }
 
     fn new(
         mem: &'a GuestMemoryMmap,
         dev: Dev,
-        rx: MockSplitQueue<'a, GuestMemoryMmap>,
-        tx: MockSplitQueue<'a, GuestMemoryMmap>,
+        rx: TestQueue<'a>,
+        tx: TestQueue<'a>,
         notify: Vec<EventFd>,
     ) -> Self {
         Self {
@@ -196,17 +126,7 @@ impl<'a> Guest<'a> {
     }
 
     fn kick(&self, queue: usize) {
-        self.notify[queue].write(1).unwrap();
-    }
-
-    fn push_avail(q: &MockSplitQueue<'a, GuestMemoryMmap>, head: u16) {
-        let idx = q.avail().idx().load();
-        q.avail()
-            .ring()
-            .ref_at(usize::from(idx % QSIZE))
-            .unwrap()
-            .store(head);
-        q.avail().idx().store(idx.wrapping_add(1));
+        kick(&self.notify, queue);
     }
 
     /// Offers `n` rx buffers. Buffer slot i uses descriptors 2i and 2i+1 (the
@@ -226,14 +146,14 @@ impl<'a> Guest<'a> {
             } else {
                 table.store(d, raw(addr, HDR_LEN + RX_BUF, w, 0)).unwrap();
             }
-            Self::push_avail(&self.rx, d);
+            self.rx.push_avail(d);
             self.rx_posted = self.rx_posted.wrapping_add(1);
         }
         self.kick(0);
     }
 
     fn rx_used_idx(&self) -> u16 {
-        self.rx.used().idx().load()
+        self.rx.used_idx()
     }
 
     /// The next packet the device put in an rx buffer, if one comes within `timeout`.
@@ -245,16 +165,9 @@ impl<'a> Guest<'a> {
             }
             std::thread::sleep(Duration::from_millis(1));
         }
-        let elem = self
-            .rx
-            .used()
-            .ring()
-            .ref_at(usize::from(self.rx_seen % QSIZE))
-            .unwrap()
-            .load();
+        let (id, len) = self.rx.used_elem(self.rx_seen);
         self.rx_seen = self.rx_seen.wrapping_add(1);
-        let desc = Descriptor::from(self.rx.desc_table().load(elem.id() as u16).unwrap());
-        let len = elem.len();
+        let desc = self.rx.descriptor(id as u16);
         if len == 0 {
             return Some((Header::default(), Vec::new()));
         }
@@ -317,7 +230,7 @@ impl<'a> Guest<'a> {
     }
 
     fn submit_tx(&mut self, head: u16) {
-        Self::push_avail(&self.tx, head);
+        self.tx.push_avail(head);
         self.tx_avail = self.tx_avail.wrapping_add(1);
         self.kick(1);
     }
@@ -325,7 +238,7 @@ impl<'a> Guest<'a> {
     /// Waits until the device returned every tx chain submitted so far.
     fn wait_tx(&self) {
         let end = Instant::now() + WAIT;
-        while self.tx.used().idx().load() != self.tx_avail {
+        while self.tx.used_idx() != self.tx_avail {
             assert!(Instant::now() < end, "tx chains not returned");
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -357,10 +270,6 @@ impl<'a> Guest<'a> {
         assert_eq!(got.len(), n, "more data than expected");
         got
     }
-}
-
-fn raw(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
-    RawDescriptor::from(Descriptor::new(addr, len, flags, next))
 }
 
 fn pattern(n: usize, seed: u8) -> Vec<u8> {
@@ -455,7 +364,7 @@ fn config_space_holds_the_cid_and_bad_cids_or_paths_are_refused() {
 fn host_initiated_connection_carries_data_both_ways_and_half_closes() {
     let dir = test_dir("host-init");
     let uds = dir.join("v.sock");
-    let m = mem();
+    let m = mem(MEM_SIZE);
     let mut g = Guest::via_mmio(&m, Vsock::new(CID, uds.clone()).unwrap());
     g.post_rx(32);
     let (mut s, hp) = host_connect(&mut g, &uds, 1234);
@@ -497,7 +406,7 @@ fn host_initiated_connection_carries_data_both_ways_and_half_closes() {
 fn guest_refusal_closes_the_host_client() {
     let dir = test_dir("refused");
     let uds = dir.join("v.sock");
-    let m = mem();
+    let m = mem(MEM_SIZE);
     let mut g = Guest::via_mmio(&m, Vsock::new(CID, uds.clone()).unwrap());
     g.post_rx(8);
     let mut s = UnixStream::connect(&uds).unwrap();
@@ -513,7 +422,7 @@ fn guest_refusal_closes_the_host_client() {
 fn bad_or_idle_host_clients_are_closed_without_blocking_others() {
     let dir = test_dir("bad-clients");
     let uds = dir.join("v.sock");
-    let m = mem();
+    let m = mem(MEM_SIZE);
     let mut g = Guest::via_mmio(&m, Vsock::new(CID, uds.clone()).unwrap());
     g.post_rx(8);
     let started = Instant::now();
@@ -544,7 +453,7 @@ fn host_clients_wait_in_the_backlog_until_the_driver_starts() {
     let mut s = UnixStream::connect(&uds).unwrap();
     s.write_all(b"CONNECT 5\n").unwrap();
     std::thread::sleep(Duration::from_millis(50));
-    let m = mem();
+    let m = mem(MEM_SIZE);
     let mut g = Guest::via_mmio(&m, v);
     g.post_rx(4);
     let (req, _) = g.recv();
@@ -558,7 +467,7 @@ fn guest_initiated_connections_reach_port_sockets_or_are_reset() {
     let dir = test_dir("guest-init");
     let uds = dir.join("v.sock");
     let service = UnixListener::bind(port_path(&uds, 5000)).unwrap();
-    let m = mem();
+    let m = mem(MEM_SIZE);
     let mut g = Guest::via_mmio(&m, Vsock::new(CID, uds.clone()).unwrap());
     g.split_rx = true;
     g.post_rx(16);
@@ -592,7 +501,7 @@ fn reads_from_the_host_stay_within_the_guests_credit() {
     let dir = test_dir("credit");
     let uds = dir.join("v.sock");
     let service = UnixListener::bind(port_path(&uds, 6000)).unwrap();
-    let m = mem();
+    let m = mem(MEM_SIZE);
     let mut g = Guest::via_mmio(&m, Vsock::new(CID, uds.clone()).unwrap());
     g.post_rx(32);
     let mut req = g.hdr(OP_REQUEST, 41000, 6000);
@@ -634,7 +543,7 @@ fn a_guest_ignoring_our_credit_is_reset() {
     let dir = test_dir("overrun");
     let uds = dir.join("v.sock");
     let service = UnixListener::bind(port_path(&uds, 6001)).unwrap();
-    let m = mem();
+    let m = mem(MEM_SIZE);
     let mut g = Guest::via_mmio(&m, Vsock::new(CID, uds.clone()).unwrap());
     g.post_rx(8);
     g.send(g.hdr(OP_REQUEST, 41001, 6001), &[]);
@@ -672,7 +581,7 @@ fn buffered_data_reaches_the_host_after_guest_close_or_reset() {
     let dir = test_dir("linger");
     let uds = dir.join("v.sock");
     let service = UnixListener::bind(port_path(&uds, 6002)).unwrap();
-    let m = mem();
+    let m = mem(MEM_SIZE);
     let mut g = Guest::via_mmio(&m, Vsock::new(CID, uds.clone()).unwrap());
     g.post_rx(16);
     let total = TX_BUF_SIZE as usize;
@@ -726,7 +635,7 @@ fn probe(g: &mut Guest, port: u32) {
 fn malformed_tx_packets_are_dropped_or_reset_and_never_stall_the_device() {
     let dir = test_dir("malformed-tx");
     let uds = dir.join("v.sock");
-    let m = mem();
+    let m = mem(MEM_SIZE);
     let mut g = Guest::via_mmio(&m, Vsock::new(CID, uds.clone()).unwrap());
     g.post_rx(64);
     let base = TX_BASE + 200 * TX_SLOT;
@@ -848,7 +757,7 @@ fn malformed_tx_packets_are_dropped_or_reset_and_never_stall_the_device() {
 fn malformed_rx_buffers_are_returned_empty_and_the_next_one_is_used() {
     let dir = test_dir("malformed-rx");
     let uds = dir.join("v.sock");
-    let m = mem();
+    let m = mem(MEM_SIZE);
     let mut g = Guest::via_mmio(&m, Vsock::new(CID, uds.clone()).unwrap());
     let table = |g: &Guest, i: u16, d: RawDescriptor| g.rx.desc_table().store(i, d).unwrap();
     let w = VRING_DESC_F_WRITE as u16;
@@ -865,7 +774,7 @@ fn malformed_rx_buffers_are_returned_empty_and_the_next_one_is_used() {
     // A loop: the data descriptor is the header descriptor again.
     table(&g, 207, raw(RX_BASE, 4096, w | next, 207));
     for head in [200, 201, 202, 203, 205] {
-        Guest::push_avail(&g.rx, head);
+        g.rx.push_avail(head);
     }
     g.kick(0);
     // Something to say, so the device consumes buffers.
@@ -879,7 +788,7 @@ fn malformed_rx_buffers_are_returned_empty_and_the_next_one_is_used() {
         );
     }
     g.expect_quiet();
-    Guest::push_avail(&g.rx, 207);
+    g.rx.push_avail(207);
     g.kick(0);
     let (h, _) = g.recv();
     assert_eq!((h.op, h.src_port), (OP_RST, 1));
@@ -893,7 +802,7 @@ fn reset_stops_the_worker_and_closes_every_stream_and_drop_removes_the_socket() 
     let dir = test_dir("teardown");
     let uds = dir.join("v.sock");
     let service = UnixListener::bind(port_path(&uds, 7000)).unwrap();
-    let m = mem();
+    let m = mem(MEM_SIZE);
     let mut g = Guest::direct(&m, Vsock::new(CID, uds.clone()).unwrap());
     g.post_rx(8);
     let (mut host_side, _) = host_connect(&mut g, &uds, 1);
@@ -939,7 +848,7 @@ fn reset_stops_the_worker_and_closes_every_stream_and_drop_removes_the_socket() 
 fn driver_reset_through_the_transport_allows_a_fresh_start() {
     let dir = test_dir("restart");
     let uds = dir.join("v.sock");
-    let m = mem();
+    let m = mem(MEM_SIZE);
     let mut g = Guest::via_mmio(&m, Vsock::new(CID, uds.clone()).unwrap());
     g.post_rx(4);
     let (mut s, _) = host_connect(&mut g, &uds, 3);
@@ -1025,7 +934,7 @@ fn a_worker_with_nothing_it_can_do_sleeps() {
     let dir = test_dir("idle");
     let uds = dir.join("v.sock");
     let service = UnixListener::bind(port_path(&uds, 8000)).unwrap();
-    let m = mem();
+    let m = mem(MEM_SIZE);
     let mut g = Guest::direct(&m, Vsock::new(CID, uds.clone()).unwrap());
     // No rx buffers: an RST and a RESPONSE are owed but cannot be delivered.
     g.send(g.hdr(OP_REQUEST, 100, 8001), &[]);
@@ -1046,7 +955,7 @@ fn a_worker_with_nothing_it_can_do_sleeps() {
         .store(250, raw(RX_BASE, 44, w | VRING_DESC_F_NEXT as u16, 251))
         .unwrap();
     table.store(251, raw(RX_BASE + 0x100, 0, w, 0)).unwrap();
-    Guest::push_avail(&g.rx, 250);
+    g.rx.push_avail(250);
     g.kick(0);
     let (h, _) = g.recv();
     assert_eq!((h.op, h.src_port), (OP_RST, 8001));
@@ -1087,7 +996,7 @@ fn a_worker_with_nothing_it_can_do_sleeps() {
 fn host_data_waiting_for_rx_buffers_does_not_spin_the_worker() {
     let dir = test_dir("no-buffers");
     let uds = dir.join("v.sock");
-    let m = mem();
+    let m = mem(MEM_SIZE);
     let mut g = Guest::direct(&m, Vsock::new(CID, uds.clone()).unwrap());
     // One buffer: it carries the REQUEST, then the guest has none left.
     g.post_rx(1);
