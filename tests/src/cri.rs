@@ -602,7 +602,7 @@ impl Cri {
             c.exec_sync(ExecSyncRequest {
                 container_id: id.to_string(),
                 cmd: cmd.iter().map(|s| s.to_string()).collect(),
-                timeout: call_timeout().as_secs() as i64,
+                timeout: i64::try_from(call_timeout().as_secs()).unwrap_or(i64::MAX),
             }),
         )
     }
@@ -1064,10 +1064,12 @@ impl Drop for Cri {
                 "killing leftover shim {pid}: {}",
                 crate::command_line_of(pid)
             );
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+            if let Ok(pid) = i32::try_from(pid) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
         }
         self.keep_logs_if_failed();
     }

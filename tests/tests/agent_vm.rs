@@ -18,7 +18,7 @@ use tokio::io::AsyncReadExt;
 /// Container work in the guest is emulated kernel work on nested hosts:
 /// as patient as husk itself is there.
 fn ctx() -> ttrpc::context::Context {
-    ttrpc::context::with_timeout(op_timeout().as_nanos() as i64)
+    ttrpc::context::with_timeout(i64::try_from(op_timeout().as_nanos()).unwrap_or(i64::MAX))
 }
 
 fn console(dir: &std::path::Path) -> String {

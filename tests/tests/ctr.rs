@@ -304,7 +304,7 @@ fn long_running_tasks_tty_exec_pause_metrics_signals_and_a_crashed_shim() {
     // state removed): a shim must not outlive a TERM with its VM running.
     let pid = shim_pid("containerd-shim-husk-v2", "long1").expect("shim process");
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
+        nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid fits pid_t")),
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
@@ -339,7 +339,7 @@ fn long_running_tasks_tty_exec_pause_metrics_signals_and_a_crashed_shim() {
     );
     let pid = shim_pid("containerd-shim-husk-v2", "long2").expect("shim process");
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
+        nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid fits pid_t")),
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
@@ -365,7 +365,7 @@ fn long_running_tasks_tty_exec_pause_metrics_signals_and_a_crashed_shim() {
     // VM is stopped and the exit reported (137).
     let pid = shim_pid("containerd-shim-husk-v2", "long3").expect("shim process");
     let vcpu = thread_named(pid, "husk-vcpu0").expect("vCPU thread");
-    let frozen = nix::unistd::Pid::from_raw(vcpu as i32);
+    let frozen = nix::unistd::Pid::from_raw(i32::try_from(vcpu).expect("tid fits pid_t"));
     nix::sys::ptrace::seize(frozen, nix::sys::ptrace::Options::empty()).unwrap();
     nix::sys::ptrace::interrupt(frozen).unwrap();
     nix::sys::wait::waitpid(frozen, Some(nix::sys::wait::WaitPidFlag::__WALL)).unwrap();

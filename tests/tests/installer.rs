@@ -785,7 +785,7 @@ fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
 
 fn sigterm(child: &Child) {
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid fits pid_t")),
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
@@ -1349,10 +1349,12 @@ impl PrivateContainerd {
 
 impl Drop for PrivateContainerd {
     fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
         let _ = self.child.wait();
         let root = self.dir.path().display().to_string();
         let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();

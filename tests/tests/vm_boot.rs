@@ -23,7 +23,7 @@ fn vm_config(dir: &std::path::Path) -> VmConfig {
 }
 
 fn rpc_context() -> ttrpc::context::Context {
-    ttrpc::context::with_timeout(op_timeout().as_nanos() as i64)
+    ttrpc::context::with_timeout(i64::try_from(op_timeout().as_nanos()).unwrap_or(i64::MAX))
 }
 
 fn console(dir: &std::path::Path) -> String {

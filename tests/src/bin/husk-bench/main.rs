@@ -132,7 +132,7 @@ fn bench_boot(
         samples
             .iter()
             .filter_map(|s| s.rss_bytes)
-            .map(|b| b as f64 / (1 << 20) as f64)
+            .map(|b| b as f64 / f64::from(1 << 20))
             .collect()
     };
     let idle_cpu = |samples: &[Sample]| -> Vec<f64> {

@@ -116,7 +116,7 @@ pub fn bench_start(runs: usize, out: &Path) -> Result<(), String> {
         idle_container_memory(&c, HUSK_RUNTIME, "containerd-shim-husk-v2", "idle-husk")?;
     let (runc_pss, _) =
         idle_container_memory(&c, RUNC_RUNTIME, "containerd-shim-runc-v2", "idle-runc")?;
-    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    let mib = |b: u64| b as f64 / f64::from(1 << 20);
     let result = json!({
         "benchmark": "ctr run --rm <image> true",
         "image": TEST_IMAGE,
