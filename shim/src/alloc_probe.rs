@@ -29,7 +29,7 @@ unsafe impl GlobalAlloc for CountingAllocator {
         // SAFETY: same contract as ours, forwarded.
         let p = unsafe { System.alloc(layout) };
         if !p.is_null() {
-            record(layout.size() as isize);
+            record(signed(layout.size()));
         }
         p
     }
@@ -37,14 +37,14 @@ unsafe impl GlobalAlloc for CountingAllocator {
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         // SAFETY: `ptr` came from `alloc`/`realloc` above, i.e. from System.
         unsafe { System.dealloc(ptr, layout) };
-        record(-(layout.size() as isize));
+        record(-signed(layout.size()));
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         // SAFETY: same contract as ours, forwarded.
         let p = unsafe { System.realloc(ptr, layout, new_size) };
         if !p.is_null() {
-            record(new_size as isize - layout.size() as isize);
+            record(signed(new_size) - signed(layout.size()));
         }
         p
     }
@@ -63,4 +63,9 @@ pub fn reset_peak() -> isize {
 /// The most heap bytes the calling thread held since `reset_peak`.
 pub fn peak() -> isize {
     PEAK.with(Cell::get)
+}
+
+/// An allocation size as a signed count (Layout keeps sizes ≤ isize::MAX).
+fn signed(size: usize) -> isize {
+    isize::try_from(size).unwrap_or(isize::MAX)
 }

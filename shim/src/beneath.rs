@@ -11,7 +11,7 @@
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
@@ -56,6 +56,11 @@ fn check(rc: libc::c_long) -> io::Result<libc::c_long> {
     }
 }
 
+/// A descriptor a syscall returned as a long.
+fn new_fd(rc: libc::c_long) -> io::Result<RawFd> {
+    RawFd::try_from(rc).map_err(|_| io::Error::other(format!("descriptor {rc} out of range")))
+}
+
 /// `rel` must be relative and plain (no `..`, no `.`, not empty).
 fn plain_relative(rel: &Path) -> io::Result<()> {
     let plain =
@@ -74,7 +79,8 @@ fn plain_relative(rel: &Path) -> io::Result<()> {
 fn openat2(dir: BorrowedFd<'_>, rel: &Path, flags: i32, mode: u32) -> io::Result<OwnedFd> {
     let path = cstring(rel)?;
     let how = OpenHow {
-        flags: (flags | libc::O_CLOEXEC) as u64,
+        flags: u64::try_from(flags | libc::O_CLOEXEC)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?,
         mode: u64::from(mode),
         resolve: RESOLVE,
     };
@@ -90,7 +96,7 @@ fn openat2(dir: BorrowedFd<'_>, rel: &Path, flags: i32, mode: u32) -> io::Result
         )
     })?;
     // SAFETY: openat2 returned a new descriptor nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    Ok(unsafe { OwnedFd::from_raw_fd(new_fd(fd)?) })
 }
 
 /// The path that names `fd` itself: mount(2) given it acts on exactly the
@@ -246,7 +252,7 @@ pub fn bind_by_fd(source: &Path, target: BorrowedFd<'_>, attrs: ShareAttrs) -> i
         )
     })?;
     // SAFETY: open_tree returned a new descriptor nothing else owns.
-    let tree = unsafe { OwnedFd::from_raw_fd(tree as i32) };
+    let tree = unsafe { OwnedFd::from_raw_fd(new_fd(tree)?) };
     set_attrs_recursive(tree.as_fd(), attrs)?;
     // SAFETY: both fds are open; the empty paths are static NUL-terminated
     // strings.

@@ -208,18 +208,23 @@ impl HostCgroup {
                 let _ = std::fs::write(root.join("cgroup.procs"), &pid);
             }
         }
-        Self::remove(&self.dirs);
+        for problem in Self::remove(&self.dirs) {
+            tracing::warn!("{problem}");
+        }
     }
 
     /// Removes cgroups left by a shim that is gone (`shim delete`).
-    pub fn remove(dirs: &[PathBuf]) {
+    /// Removes `dirs`; what could not be removed, each said in a line.
+    pub fn remove(dirs: &[PathBuf]) -> Vec<String> {
+        let mut problems = Vec::new();
         for dir in dirs {
             if let Err(e) = std::fs::remove_dir(dir) {
                 if e.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!("cannot remove cgroup {}: {e}", dir.display());
+                    problems.push(format!("cannot remove cgroup {}: {e}", dir.display()));
                 }
             }
         }
+        problems
     }
 }
 

@@ -1,5 +1,6 @@
 //! Containers and their processes in the one VM this shim drives, and the
-//! operations the task API maps onto the agent protocol.
+//! operations the task API maps onto the agent ([`crate::agent::Agent`]).
+//! Kill is in kill.rs, the watchers of exits and OOM kills in watch.rs.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -9,20 +10,16 @@ use std::sync::{Arc, Mutex};
 use containerd_shim::api::CreateTaskRequest;
 use containerd_shim::ExitSignal;
 use husk_config::Config;
-use husk_protocol::agent as pb;
 use tokio::sync::OnceCell;
 
+use crate::agent::{NewContainer, ProcessRef};
 use crate::errors::*;
 use crate::events::Events;
 use crate::io::{self, Stdio};
-use crate::process::{lock, Exit, Process, ProcessState, LOST_EXIT_STATUS};
-
-/// SIGKILL's number (the task API carries signals as numbers).
-const KILL_SIGNAL: u32 = 9;
-/// What a process killed by SIGKILL exits with.
-const KILLED_EXIT_STATUS: u32 = 128 + KILL_SIGNAL;
+use crate::kill::KILL_SIGNAL;
+use crate::process::{lock, Exit, Process, ProcessState};
 use crate::rootfs::{self, ContainerDirs};
-use crate::sandbox::{sandbox_dir, Sandbox};
+use crate::sandbox::{sandbox_dir, Launcher, Sandbox};
 use crate::spec;
 use crate::state::TaskState;
 
@@ -47,9 +44,21 @@ impl Container {
             .ok_or_else(|| not_found(format!("exec {exec_id} of {} not found", self.id)))
     }
 
+    /// Its execs, started or not.
+    pub fn execs(&self) -> Vec<Arc<Process>> {
+        lock(&self.execs).values().cloned().collect()
+    }
+
     pub fn is_paused(&self) -> bool {
         self.paused.load(Ordering::SeqCst)
     }
+}
+
+/// A task id known to the shim: taken from the start of its Create (so two
+/// Creates of one id cannot both run), a container once created.
+enum Slot {
+    Creating,
+    Ready(Arc<Container>),
 }
 
 /// Everything one shim (one VM) knows.
@@ -59,9 +68,10 @@ pub struct Shim {
     pub sandbox_id: String,
     pub events: Events,
     pub exit: Arc<ExitSignal>,
+    launcher: Arc<dyn Launcher>,
     config: Mutex<Option<Config>>,
     sandbox: OnceCell<Arc<Sandbox>>,
-    containers: Mutex<HashMap<String, Arc<Container>>>,
+    containers: Mutex<HashMap<String, Slot>>,
 }
 
 fn valid_id(id: &str) -> bool {
@@ -73,13 +83,66 @@ fn valid_id(id: &str) -> bool {
         && !id.starts_with('.')
 }
 
+/// Holds a task id for its Create; released unless the container was
+/// created (also when the Create is cancelled).
+struct Reservation<'a> {
+    shim: &'a Shim,
+    id: String,
+}
+
+impl Reservation<'_> {
+    fn commit(self, container: Arc<Container>) {
+        lock(&self.shim.containers).insert(self.id.clone(), Slot::Ready(container));
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        let mut containers = lock(&self.shim.containers);
+        if matches!(containers.get(&self.id), Some(Slot::Creating)) {
+            containers.remove(&self.id);
+        }
+    }
+}
+
+/// A container's host files while its Create runs: removed if the Create
+/// fails or is cancelled at any step, kept once it succeeded.
+struct FilesRollback<'a> {
+    dirs: &'a ContainerDirs,
+    armed: bool,
+}
+
+impl FilesRollback<'_> {
+    fn keep(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for FilesRollback<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            if let Err(e) = rootfs::remove_container(self.dirs) {
+                tracing::warn!("rolling back a failed create: {e}");
+            }
+        }
+    }
+}
+
 impl Shim {
-    pub fn new(namespace: &str, sandbox_id: &str, events: Events, exit: Arc<ExitSignal>) -> Self {
+    pub fn new(
+        namespace: &str,
+        sandbox_id: &str,
+        events: Events,
+        exit: Arc<ExitSignal>,
+        launcher: Arc<dyn Launcher>,
+    ) -> Self {
         Self {
             namespace: namespace.to_string(),
             sandbox_id: sandbox_id.to_string(),
             events,
             exit,
+            launcher,
             config: Mutex::new(None),
             sandbox: OnceCell::new(),
             containers: Mutex::new(HashMap::new()),
@@ -87,10 +150,21 @@ impl Shim {
     }
 
     pub fn container(&self, id: &str) -> ttrpc::Result<Arc<Container>> {
+        match lock(&self.containers).get(id) {
+            Some(Slot::Ready(c)) => Ok(c.clone()),
+            _ => Err(not_found(format!("container {id} not found"))),
+        }
+    }
+
+    /// Every created container.
+    pub fn containers(&self) -> Vec<Arc<Container>> {
         lock(&self.containers)
-            .get(id)
-            .cloned()
-            .ok_or_else(|| not_found(format!("container {id} not found")))
+            .values()
+            .filter_map(|slot| match slot {
+                Slot::Ready(c) => Some(c.clone()),
+                Slot::Creating => None,
+            })
+            .collect()
     }
 
     pub fn sandbox(&self) -> ttrpc::Result<Arc<Sandbox>> {
@@ -98,6 +172,12 @@ impl Shim {
             .get()
             .cloned()
             .ok_or_else(|| precondition("the VM is not running"))
+    }
+
+    /// Uses `config` instead of loading one (tests).
+    #[cfg(test)]
+    pub fn preset_config(&self, config: Config) {
+        *lock(&self.config) = Some(config);
     }
 
     /// The config: from the first task's runtime options, else discovered.
@@ -126,7 +206,9 @@ impl Shim {
         let sandbox = self
             .sandbox
             .get_or_try_init(|| async {
-                let sandbox = Sandbox::boot(config, &self.namespace, &self.sandbox_id, pod)
+                let sandbox = self
+                    .launcher
+                    .launch(config, &self.namespace, &self.sandbox_id, pod)
                     .await
                     .map_err(|e| internal(e.to_string()))?;
                 let sandbox = Arc::new(sandbox);
@@ -137,42 +219,17 @@ impl Shim {
         Ok(sandbox.clone())
     }
 
-    /// OOM events (a long poll kept open on the agent) and the VM's own exit.
-    fn spawn_watchers(self: &Arc<Self>, sandbox: &Arc<Sandbox>) {
-        let (shim, sb) = (self.clone(), sandbox.clone());
-        tokio::spawn(async move {
-            let mut oom_gate = OomGate::default();
-            loop {
-                let req = pb::GetOomEventRequest::new();
-                match sb
-                    .agent
-                    .get_oom_event(ttrpc::context::Context::default(), &req)
-                    .await
-                {
-                    Ok(ev) => {
-                        // Only this shim's containers, and one event per
-                        // container and second: the guest sends these.
-                        let id = ev.container_id;
-                        if lock(&shim.containers).contains_key(&id) && oom_gate.admit(&id) {
-                            tracing::info!(container = id, "OOM kill in the guest");
-                            shim.events.oom(&id).await;
-                        }
-                    }
-                    Err(e) => {
-                        tracing::debug!("OOM event stream ended: {e}");
-                        break;
-                    }
-                }
-            }
-        });
-        let sb = sandbox.clone();
-        tokio::spawn(async move {
-            let reason = sb.vm_exited().await;
-            tracing::warn!(sandbox = sb.id, "VM ended: {reason}");
-            // Tear the VMM down so every open agent call fails instead of
-            // hanging; processes still running are reported as lost.
-            sb.stop_vm().await;
-        });
+    /// Takes `id` for a Create.
+    fn reserve(&self, id: &str) -> ttrpc::Result<Reservation<'_>> {
+        let mut containers = lock(&self.containers);
+        if containers.contains_key(id) {
+            return Err(already_exists(format!("task {id} already exists")));
+        }
+        containers.insert(id.to_string(), Slot::Creating);
+        Ok(Reservation {
+            shim: self,
+            id: id.to_string(),
+        })
     }
 
     pub async fn create(self: &Arc<Self>, req: &CreateTaskRequest) -> ttrpc::Result<u32> {
@@ -180,15 +237,13 @@ impl Shim {
         if !valid_id(id) {
             return Err(invalid(format!("invalid task id {id:?}")));
         }
-        if lock(&self.containers).contains_key(id) {
-            return Err(already_exists(format!("task {id} already exists")));
-        }
         if !req.checkpoint.is_empty() {
             return Err(status(
                 ttrpc::Code::UNIMPLEMENTED,
                 "husk cannot restore checkpoints",
             ));
         }
+        let reservation = self.reserve(id)?;
         let config = self.config(req)?;
         let bundle = PathBuf::from(&req.bundle);
         let spec_json = spec::load(&bundle).map_err(|e| invalid(e.to_string()))?;
@@ -210,18 +265,29 @@ impl Shim {
 
         let sandbox = self.boot(&config, &pod).await?;
         let created = self
-            .create_in_vm(&sandbox, req, &config, bundle, guest, stdio)
+            .create_in_vm(&sandbox, req, &config, bundle, guest, stdio.clone())
             .await;
-        if created.is_err() && id == self.sandbox_id && self.container_count() == 0 {
-            // The task that booted the VM failed: nothing else runs in it,
-            // and a VM left running would burn a core until Shutdown.
-            tracing::warn!(sandbox = self.sandbox_id, "create failed: stopping the VM");
-            // On a task of its own, so a Create cancelled at its deadline
-            // still stops it; otherwise the error returns once it is down.
-            let sandbox = sandbox.clone();
-            let _ = tokio::spawn(async move { sandbox.shutdown().await }).await;
+        match created {
+            Ok((container, pid)) => {
+                reservation.commit(container);
+                self.events.create(id, &req.bundle, &stdio, pid).await;
+                Ok(pid)
+            }
+            Err(e) => {
+                if id == self.sandbox_id && self.containers().is_empty() {
+                    // The task that booted the VM failed: nothing else runs
+                    // in it, and a VM left running would burn a core until
+                    // Shutdown.
+                    tracing::warn!(sandbox = self.sandbox_id, "create failed: stopping the VM");
+                    // On a task of its own, so a Create cancelled at its
+                    // deadline still stops it; otherwise the error returns
+                    // once it is down.
+                    let sandbox = sandbox.clone();
+                    let _ = tokio::spawn(async move { sandbox.shutdown().await }).await;
+                }
+                Err(e)
+            }
         }
-        created
     }
 
     /// Create's part inside the running VM: files shared, the container
@@ -234,7 +300,7 @@ impl Shim {
         bundle: PathBuf,
         guest: spec::GuestSpec,
         stdio: Stdio,
-    ) -> ttrpc::Result<u32> {
+    ) -> ttrpc::Result<(Arc<Container>, u32)> {
         let id = req.id.as_str();
         let dirs = ContainerDirs::new(sandbox.staging.path(), id);
         TaskState {
@@ -250,47 +316,38 @@ impl Shim {
         .save(&bundle)
         .map_err(|e| internal(format!("cannot write state into {}: {e}", bundle.display())))?;
 
-        let prepared = async {
-            rootfs::mount_rootfs(id, &bundle, &req.rootfs, &sandbox.staging, &dirs).await?;
-            rootfs::share_binds(&guest.binds, &sandbox.staging, &dirs)
+        let rollback = FilesRollback {
+            dirs: &dirs,
+            armed: true,
         };
-        if let Err(e) = prepared.await {
-            let _ = rootfs::remove_container(&dirs);
-            return Err(internal(e.to_string()));
-        }
+        rootfs::mount_rootfs(id, &bundle, &req.rootfs, &sandbox.staging, &dirs)
+            .await
+            .and_then(|()| rootfs::share_binds(&guest.binds, &sandbox.staging, &dirs))
+            .map_err(|e| internal(e.to_string()))?;
 
-        let mut create = pb::CreateContainerRequest::new();
-        create.container_id = id.into();
-        create.spec_json = guest.json;
-        create.rootfs_path = spec::guest_rootfs(id);
-        create.stdio = Some(stdio.to_agent()).into();
-        let created = sandbox.agent.create_container(sandbox.ctx(), &create).await;
-        let pid = match created {
-            Ok(resp) => resp.pid,
-            Err(e) => {
-                let _ = rootfs::remove_container(&dirs);
-                return Err(sandbox.agent_error("CreateContainer", e));
-            }
-        };
-
+        let pid = sandbox
+            .agent
+            .create_container(NewContainer {
+                id: id.into(),
+                spec_json: guest.json,
+                rootfs_path: spec::guest_rootfs(id),
+                stdio: stdio.to_agent(),
+            })
+            .await?;
         let init = Arc::new(Process::new(id, None, stdio.clone()));
         init.set_pid(pid);
-        match io::attach(
-            &sandbox.vsock_uds,
-            id,
-            None,
-            &stdio,
-            sandbox.request_timeout,
-        )
-        .await
-        {
+        let process = ProcessRef {
+            container_id: id,
+            exec_id: "",
+        };
+        match io::attach(sandbox.agent.as_ref(), process, &stdio).await {
             Ok(attached) => init.set_io(attached).await,
             Err(e) => {
                 self.remove_in_guest(sandbox, id).await;
-                let _ = rootfs::remove_container(&dirs);
                 return Err(internal(format!("task {id}: {e}")));
             }
         }
+        rollback.keep();
         let container = Arc::new(Container {
             id: id.into(),
             bundle,
@@ -299,9 +356,7 @@ impl Shim {
             execs: Mutex::new(HashMap::new()),
             paused: AtomicBool::new(false),
         });
-        lock(&self.containers).insert(id.into(), container);
-        self.events.create(id, &req.bundle, &stdio, pid).await;
-        Ok(pid)
+        Ok((container, pid))
     }
 
     async fn remove_in_guest(&self, sandbox: &Sandbox, id: &str) {
@@ -309,10 +364,8 @@ impl Shim {
             // Stopped or stopping: nobody would answer.
             return;
         }
-        let mut req = pb::RemoveContainerRequest::new();
-        req.container_id = id.into();
-        if let Err(e) = sandbox.agent.remove_container(sandbox.ctx(), &req).await {
-            tracing::warn!(container = id, "RemoveContainer: {e}");
+        if let Err(e) = sandbox.agent.remove_container(id).await {
+            tracing::warn!(container = id, "{e}");
         }
     }
 
@@ -320,46 +373,20 @@ impl Shim {
         let container = self.container(id)?;
         let sandbox = self.sandbox()?;
         let process = container.process(exec_id)?;
-        if process.state() != ProcessState::Created {
+        if !process.begin_start() {
             return Err(precondition(format!(
                 "{} of {id} was already started",
                 process.task_id()
             )));
         }
-        if exec_id.is_empty() {
-            let mut req = pb::StartContainerRequest::new();
-            req.container_id = id.into();
-            sandbox
-                .agent
-                .start_container(sandbox.ctx(), &req)
-                .await
-                .map_err(|e| sandbox.agent_error("StartContainer", e))?;
+        let started = if exec_id.is_empty() {
+            sandbox.agent.start_container(id).await
         } else {
-            if container.init.state() != ProcessState::Running {
-                return Err(precondition(format!("container {id} is not running")));
-            }
-            let spec = lock(&process.spec).take().unwrap_or_default();
-            let mut req = pb::ExecProcessRequest::new();
-            req.container_id = id.into();
-            req.exec_id = exec_id.into();
-            req.process_json = spec;
-            req.stdio = Some(process.stdio.to_agent()).into();
-            let resp = sandbox
-                .agent
-                .exec_process(sandbox.ctx(), &req)
-                .await
-                .map_err(|e| sandbox.agent_error("ExecProcess", e))?;
-            process.set_pid(resp.pid);
-            let attached = io::attach(
-                &sandbox.vsock_uds,
-                id,
-                Some(exec_id),
-                &process.stdio,
-                sandbox.request_timeout,
-            )
-            .await
-            .map_err(|e| internal(format!("exec {exec_id} of {id}: {e}")))?;
-            process.set_io(attached).await;
+            self.start_exec(&sandbox, &container, &process).await
+        };
+        if let Err(e) = started {
+            process.abort_start();
+            return Err(e);
         }
         process.set_running();
         self.spawn_exit_monitor(&sandbox, &process);
@@ -372,42 +399,48 @@ impl Shim {
         Ok(pid)
     }
 
-    /// Waits in the agent for the process to end, then records and
-    /// publishes its exit (after its output is drained).
-    fn spawn_exit_monitor(self: &Arc<Self>, sandbox: &Arc<Sandbox>, process: &Arc<Process>) {
-        let (shim, sandbox, process) = (self.clone(), sandbox.clone(), process.clone());
-        tokio::spawn(async move {
-            let mut req = pb::WaitProcessRequest::new();
-            req.container_id = process.container_id.clone();
-            req.exec_id = process.exec_id.clone().unwrap_or_default();
-            // No timeout: processes run as long as they like.
-            let status = match sandbox
-                .agent
-                .wait_process(ttrpc::context::Context::default(), &req)
-                .await
-            {
-                Ok(resp) => u32::try_from(resp.exit_status).unwrap_or(LOST_EXIT_STATUS),
-                Err(e) => {
-                    tracing::warn!(
-                        container = process.container_id,
-                        exec = process.task_id(),
-                        "lost the process: {e}"
-                    );
-                    LOST_EXIT_STATUS
-                }
-            };
-            let (exit, first) = process.finish(status).await;
-            if first {
-                shim.events
-                    .exit(
-                        &process.container_id,
-                        process.task_id(),
-                        process.pid(),
-                        exit,
-                    )
-                    .await;
+    /// Runs an added exec in the guest and attaches its stdio.
+    async fn start_exec(
+        &self,
+        sandbox: &Sandbox,
+        container: &Container,
+        process: &Process,
+    ) -> ttrpc::Result<()> {
+        let id = container.id.as_str();
+        let exec_id = process.task_id();
+        if container.init.state() != ProcessState::Running {
+            return Err(precondition(format!("container {id} is not running")));
+        }
+        let target = ProcessRef {
+            container_id: id,
+            exec_id,
+        };
+        let spec = lock(&process.spec).clone().unwrap_or_default();
+        let pid = sandbox
+            .agent
+            .exec_process(target, spec, process.stdio.to_agent())
+            .await?;
+        process.set_pid(pid);
+        match io::attach(sandbox.agent.as_ref(), target, &process.stdio).await {
+            Ok(attached) => {
+                process.set_io(attached).await;
+                Ok(())
             }
-        });
+            Err(e) => {
+                // The exec runs with nobody attached to it: kill it, and
+                // reap it, rather than leave it behind in the guest.
+                tracing::warn!(container = id, exec = exec_id, "stdio: {e}; killing it");
+                if let Err(e) = sandbox
+                    .agent
+                    .signal_process(target, KILL_SIGNAL, false, None)
+                    .await
+                {
+                    tracing::warn!(container = id, exec = exec_id, "{e}");
+                }
+                let _ = sandbox.agent.wait_process(target).await;
+                Err(internal(format!("exec {exec_id} of {id}: {e}")))
+            }
+        }
     }
 
     pub async fn exec(
@@ -440,111 +473,14 @@ impl Shim {
         Ok(())
     }
 
-    pub async fn kill(
-        self: &Arc<Self>,
-        id: &str,
-        exec_id: &str,
-        signal: u32,
-        all: bool,
-    ) -> ttrpc::Result<()> {
-        let container = self.container(id)?;
-        let process = container.process(exec_id)?;
-        match process.state() {
-            ProcessState::Stopped(_) => {
-                return Err(not_found(format!(
-                    "{} of {id}: process already finished",
-                    process.task_id()
-                )))
-            }
-            // Not started: nothing in the guest runs yet (an exec only
-            // exists here until Start).
-            ProcessState::Created if !exec_id.is_empty() => {
-                let (exit, first) = process.record_exit(128 + signal);
-                if first {
-                    self.events.exit(id, exec_id, 0, exit).await;
-                }
-                return Ok(());
-            }
-            _ => {}
-        }
-        let sandbox = self.sandbox()?;
-        // SIGKILL to the last thing running in the VM: the VM is the kill
-        // boundary. If the guest does not report the exit in time (a stuck
-        // or lying agent), the VM is stopped and the exit reported anyway.
-        let boundary = signal == KILL_SIGNAL && exec_id.is_empty() && self.is_last_running(id);
-        if boundary {
-            self.spawn_kill_boundary(&sandbox, &process);
-        }
-        let mut req = pb::SignalProcessRequest::new();
-        req.container_id = id.into();
-        req.exec_id = exec_id.into();
-        req.signal = signal;
-        req.all = all;
-        let ctx = if boundary {
-            ttrpc::context::with_timeout(sandbox.kill_grace.as_nanos() as i64)
-        } else {
-            sandbox.ctx()
-        };
-        match sandbox.agent.signal_process(ctx, &req).await {
-            Ok(_) => Ok(()),
-            Err(e) if boundary => {
-                tracing::warn!(
-                    container = id,
-                    "SignalProcess(SIGKILL): {e}; the VM stops if no exit follows"
-                );
-                Ok(())
-            }
-            Err(e) => Err(sandbox.agent_error("SignalProcess", e)),
-        }
-    }
-
-    /// Whether container `id` is what keeps the VM busy: the task that
-    /// booted it, or the only container still running.
-    fn is_last_running(&self, id: &str) -> bool {
-        id == self.sandbox_id
-            || lock(&self.containers)
-                .values()
-                .all(|c| c.id == id || c.init.state() != ProcessState::Running)
-    }
-
-    /// After a SIGKILL to `process`: unless it exits within the grace
-    /// period, every process of the VM is reported killed (137) and the VM
-    /// is stopped.
-    fn spawn_kill_boundary(self: &Arc<Self>, sandbox: &Arc<Sandbox>, process: &Arc<Process>) {
-        let (shim, sandbox, process) = (self.clone(), sandbox.clone(), process.clone());
-        tokio::spawn(async move {
-            let grace = sandbox.kill_grace;
-            if tokio::time::timeout(grace, process.wait()).await.is_ok() {
-                return;
-            }
-            tracing::warn!(
-                sandbox = sandbox.id,
-                "no exit {grace:?} after SIGKILL to {}: the guest does not answer; \
-                 stopping the VM and reporting its processes killed",
-                process.task_id()
-            );
-            let containers: Vec<Arc<Container>> =
-                lock(&shim.containers).values().cloned().collect();
-            for c in containers {
-                let execs: Vec<Arc<Process>> = lock(&c.execs).values().cloned().collect();
-                for p in std::iter::once(c.init.clone()).chain(execs) {
-                    let (exit, first) = p.record_exit(KILLED_EXIT_STATUS);
-                    if first && p.state() != ProcessState::Created {
-                        shim.events
-                            .exit(&p.container_id, p.task_id(), p.pid(), exit)
-                            .await;
-                    }
-                }
-            }
-            sandbox.stop_vm().await;
-        });
-    }
-
     /// Deletes a stopped process: an exec, or the container with its files.
     pub async fn delete(&self, id: &str, exec_id: &str) -> ttrpc::Result<(u32, Option<Exit>)> {
         let container = self.container(id)?;
         let process = container.process(exec_id)?;
-        if process.state() == ProcessState::Running {
+        if matches!(
+            process.state(),
+            ProcessState::Running | ProcessState::Starting
+        ) {
             return Err(precondition(format!(
                 "{} of {id} is still running",
                 process.task_id()
@@ -569,23 +505,7 @@ impl Shim {
     pub async fn set_paused(&self, id: &str, paused: bool) -> ttrpc::Result<()> {
         let container = self.container(id)?;
         let sandbox = self.sandbox()?;
-        if paused {
-            let mut req = pb::PauseContainerRequest::new();
-            req.container_id = id.into();
-            sandbox
-                .agent
-                .pause_container(sandbox.ctx(), &req)
-                .await
-                .map_err(|e| sandbox.agent_error("PauseContainer", e))?;
-        } else {
-            let mut req = pb::ResumeContainerRequest::new();
-            req.container_id = id.into();
-            sandbox
-                .agent
-                .resume_container(sandbox.ctx(), &req)
-                .await
-                .map_err(|e| sandbox.agent_error("ResumeContainer", e))?;
-        }
+        sandbox.agent.set_paused(id, paused).await?;
         container.paused.store(paused, Ordering::SeqCst);
         if paused {
             self.events.paused(id).await;
@@ -595,7 +515,7 @@ impl Shim {
         Ok(())
     }
 
-    /// Number of containers left.
+    /// Tasks known (created, or being created).
     pub fn container_count(&self) -> usize {
         lock(&self.containers).len()
     }
@@ -609,48 +529,9 @@ impl Shim {
     }
 }
 
-/// Coalesces OOM events: one per container per [`OomGate::WINDOW`].
-#[derive(Default)]
-struct OomGate {
-    last: HashMap<String, std::time::Instant>,
-}
-
-impl OomGate {
-    const WINDOW: std::time::Duration = std::time::Duration::from_secs(1);
-    /// Containers remembered at most (ids come from the guest).
-    const MAX_TRACKED: usize = 1024;
-
-    fn admit(&mut self, id: &str) -> bool {
-        self.admit_at(id, std::time::Instant::now())
-    }
-
-    fn admit_at(&mut self, id: &str, now: std::time::Instant) -> bool {
-        if let Some(last) = self.last.get(id) {
-            if now.saturating_duration_since(*last) < Self::WINDOW {
-                return false;
-            }
-        }
-        if self.last.len() >= Self::MAX_TRACKED {
-            self.last.clear();
-        }
-        self.last.insert(id.to_string(), now);
-        true
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn oom_events_are_coalesced_per_container() {
-        let mut gate = OomGate::default();
-        let t0 = std::time::Instant::now();
-        assert!(gate.admit_at("c1", t0));
-        assert!(!gate.admit_at("c1", t0 + std::time::Duration::from_millis(500)));
-        assert!(gate.admit_at("c2", t0));
-        assert!(gate.admit_at("c1", t0 + std::time::Duration::from_secs(2)));
-    }
 
     #[test]
     fn ids_are_checked() {

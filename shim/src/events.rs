@@ -2,6 +2,7 @@
 
 use std::time::SystemTime;
 
+use async_trait::async_trait;
 use containerd_shim::asynchronous::publisher::RemotePublisher;
 use containerd_shim::protos::events::task::*;
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
@@ -14,15 +15,41 @@ pub fn timestamp(t: SystemTime) -> Timestamp {
     Timestamp::from(t)
 }
 
+/// Where events go: containerd ([`RemotePublisher`]), or a test's record.
+#[async_trait]
+pub trait Publisher: Send + Sync {
+    async fn publish(
+        &self,
+        topic: &str,
+        namespace: &str,
+        event: Box<dyn MessageDyn>,
+    ) -> Result<(), String>;
+}
+
+#[async_trait]
+impl Publisher for RemotePublisher {
+    async fn publish(
+        &self,
+        topic: &str,
+        namespace: &str,
+        event: Box<dyn MessageDyn>,
+    ) -> Result<(), String> {
+        let ctx = ttrpc::context::Context::default();
+        RemotePublisher::publish(self, ctx, topic, namespace, event)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
 /// Publishes events for one namespace; a failed publish is logged, never
 /// fatal (containerd also learns of exits through Wait).
 pub struct Events {
-    publisher: RemotePublisher,
+    publisher: Box<dyn Publisher>,
     namespace: String,
 }
 
 impl Events {
-    pub fn new(publisher: RemotePublisher, namespace: &str) -> Self {
+    pub fn new(publisher: Box<dyn Publisher>, namespace: &str) -> Self {
         Self {
             publisher,
             namespace: namespace.to_string(),
@@ -30,12 +57,7 @@ impl Events {
     }
 
     async fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
-        let ctx = ttrpc::context::Context::default();
-        if let Err(e) = self
-            .publisher
-            .publish(ctx, topic, &self.namespace, event)
-            .await
-        {
+        if let Err(e) = self.publisher.publish(topic, &self.namespace, event).await {
             tracing::warn!("cannot publish {topic}: {e}");
         }
     }

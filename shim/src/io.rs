@@ -6,14 +6,13 @@
 //! the process's pipe reached EOF, and the exit is published only after the
 //! copies here reached EOF too (see process.rs).
 
-use std::path::Path;
-use std::time::Duration;
-
 use husk_vsock::StdioKind;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::unix::pipe;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+
+use crate::agent::{Agent, ProcessRef};
 
 /// Copy buffer: large enough for throughput, fixed so memory stays flat.
 const COPY_BUFFER: usize = 64 * 1024;
@@ -97,16 +96,15 @@ fn open_input(path: &str) -> Result<pipe::Receiver, IoError> {
         })
 }
 
-/// Connects the process's streams and starts copying.
+/// Connects the process's streams through `agent` and starts copying.
 pub async fn attach(
-    uds: &Path,
-    container_id: &str,
-    exec_id: Option<&str>,
+    agent: &dyn Agent,
+    process: ProcessRef<'_>,
     stdio: &Stdio,
-    timeout: Duration,
 ) -> Result<AttachedIo, IoError> {
     let mut io = AttachedIo::default();
-    let connect = |kind| husk_vsock::attach_stdio(uds, container_id, exec_id, kind, timeout);
+    let connect = |kind| agent.connect_stdio(process, kind);
+    let (container_id, exec_id) = (process.container_id, process.exec());
     let label = format!("{container_id}/{}", exec_id.unwrap_or("init"));
 
     if stdio.terminal {
@@ -212,7 +210,7 @@ mod tests {
         const CHUNK: usize = 1 << 20;
         const CHUNKS: usize = 100;
         const TOTAL: usize = CHUNK * CHUNKS;
-        let byte_at = |i: usize| (i * 7 % 251) as u8;
+        let byte_at = |i: usize| u8::try_from(i * 7 % 251).unwrap();
         let peers = || {
             let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
             for s in [&a, &b] {
@@ -278,7 +276,7 @@ mod tests {
         // The copy buffer plus task bookkeeping; nothing proportional to
         // the 100 MiB that went through.
         assert!(
-            copy_heap_peak < 4 * COPY_BUFFER as isize,
+            copy_heap_peak < 4 * isize::try_from(COPY_BUFFER).unwrap(),
             "the copy held {copy_heap_peak} bytes of heap while streaming 100 MiB"
         );
     }
@@ -289,7 +287,7 @@ mod tests {
         let (fifo_writer, mut fifo_reader) = tokio::net::UnixStream::pair().unwrap();
         let handle = spawn_output(host_side, fifo_writer, "test".into());
         let data: Vec<u8> = (0..3 * COPY_BUFFER + 17)
-            .map(|i| (i * 7 % 251) as u8)
+            .map(|i| u8::try_from(i * 7 % 251).unwrap())
             .collect();
         let expected = data.clone();
         let writer = tokio::spawn(async move {

@@ -266,9 +266,15 @@ pub async fn connect(net: &PodNetwork) -> Result<(), NetworkError> {
     for iface in &net.interfaces {
         let (veth, tap) = (index(&iface.name)?, index(&iface.tap_name)?);
         for (from, to) in [(veth, tap), (tap, veth)] {
+            // rtnetlink takes tc's interface index signed.
+            let from_index = i32::try_from(from).map_err(|_| NetworkError::Netlink {
+                what: format!("link index {from}"),
+                netns: net.netns.clone(),
+                message: "out of range".into(),
+            })?;
             handle
                 .qdisc()
-                .add(from as i32)
+                .add(from_index)
                 .ingress()
                 .execute()
                 .await
@@ -277,7 +283,7 @@ pub async fn connect(net: &PodNetwork) -> Result<(), NetworkError> {
                     &net.netns,
                 ))?;
             handle
-                .traffic_filter(from as i32)
+                .traffic_filter(from_index)
                 .add()
                 .parent(INGRESS_PARENT)
                 .protocol(ETH_P_ALL_BE)

@@ -69,8 +69,8 @@ mod tests {
     fn encode(fields: &[(u32, &str)]) -> Vec<u8> {
         let mut out = Vec::new();
         for (field, value) in fields {
-            out.push(((field << 3) | 2) as u8);
-            out.push(value.len() as u8);
+            out.push(u8::try_from((field << 3) | 2).unwrap());
+            out.push(u8::try_from(value.len()).unwrap());
             out.extend_from_slice(value.as_bytes());
         }
         out

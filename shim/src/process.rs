@@ -21,6 +21,8 @@ pub struct Exit {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProcessState {
     Created,
+    /// A Start is in flight (a second Start is refused).
+    Starting,
     Running,
     Stopped(Exit),
 }
@@ -73,10 +75,29 @@ impl Process {
         *lock(&self.state)
     }
 
+    /// Claims the Start of a created process: false if it was started
+    /// (or is being started, or ended) already.
+    pub fn begin_start(&self) -> bool {
+        let mut state = lock(&self.state);
+        let created = *state == ProcessState::Created;
+        if created {
+            *state = ProcessState::Starting;
+        }
+        created
+    }
+
+    /// A Start that failed: the process is created again.
+    pub fn abort_start(&self) {
+        let mut state = lock(&self.state);
+        if *state == ProcessState::Starting {
+            *state = ProcessState::Created;
+        }
+    }
+
     /// Marks the process running (unless it already stopped).
     pub fn set_running(&self) {
         let mut state = lock(&self.state);
-        if *state == ProcessState::Created {
+        if matches!(*state, ProcessState::Created | ProcessState::Starting) {
             *state = ProcessState::Running;
         }
     }
@@ -134,7 +155,7 @@ impl Process {
     /// The task API's status for this process (`paused` from its container).
     pub fn status(&self, paused: bool) -> Status {
         match self.state() {
-            ProcessState::Created => Status::CREATED,
+            ProcessState::Created | ProcessState::Starting => Status::CREATED,
             ProcessState::Running if paused => Status::PAUSED,
             ProcessState::Running => Status::RUNNING,
             ProcessState::Stopped(_) => Status::STOPPED,

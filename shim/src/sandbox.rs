@@ -8,34 +8,32 @@
 //! of staging, see rootfs.rs), `vsock.sock` (hybrid vsock) and
 //! `vsock.sock_1025` (the agent's log stream).
 
-use std::os::fd::{BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::Arc;
 use std::time::Duration;
+
+use async_trait::async_trait;
 
 use husk_config::Config;
 use husk_hypervisor::cpuid::CpuidPolicy;
 use husk_hypervisor::vm::{NetConfig, SharedFsConfig};
-use husk_hypervisor::{
-    ConsoleOutput, ExitReason, HostProfile, HostProfileSetting, Vm, VmConfig, VsockConfig,
-};
-use husk_protocol::agent::{
-    CreateSandboxRequest, DestroySandboxRequest, Storage, UpdateInterfaceRequest,
-    UpdateRoutesRequest,
-};
-use husk_protocol::AgentServiceClient;
-use tokio::io::unix::AsyncFd;
+use husk_hypervisor::{ConsoleOutput, HostProfile, HostProfileSetting, Vm, VmConfig, VsockConfig};
+use husk_protocol::agent::{CreateSandboxRequest, Storage};
+
+use crate::agent::{Agent, TtrpcAgent};
+use crate::guest_vm::{GuestVm, KvmVm};
 
 use crate::beneath::Beneath;
 use crate::cgroup::HostCgroup;
 use crate::network::{self, PodNetwork};
-use crate::process::lock;
 use crate::spec::{PodInfo, GUEST_SHARED_DIR};
 
 /// virtio-fs tag of the share.
 pub const SHARED_FS_TAG: &str = "husk";
 /// Guest CID: each VM has its own vsock device, so one value serves all.
 const GUEST_CID: u64 = 3;
+/// How long Shutdown gives the agent to tear down before the VM stops.
+const DESTROY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Errors booting or talking to the VM.
 #[derive(Debug, thiserror::Error)]
@@ -54,8 +52,8 @@ pub enum SandboxError {
     Vm(#[from] husk_hypervisor::VmError),
     #[error("the guest agent did not come up: {0}")]
     Agent(String),
-    #[error("agent {rpc} failed: {message}")]
-    Rpc { rpc: &'static str, message: String },
+    #[error("{0}")]
+    Rpc(#[source] ttrpc::Error),
     #[error("pod network: {0}")]
     Network(#[from] network::NetworkError),
     #[error("cannot prepare the share: {0}")]
@@ -70,16 +68,43 @@ pub struct Sandbox {
     pub dir: PathBuf,
     /// Where the shim builds containers' trees (host-only).
     pub staging: Beneath,
-    pub vsock_uds: PathBuf,
-    pub agent: AgentServiceClient,
-    pub request_timeout: Duration,
+    pub agent: Arc<dyn Agent>,
+    pub vm: Arc<dyn GuestVm>,
     /// See [`husk_config::AgentTimeouts::kill_grace`].
     pub kill_grace: Duration,
     /// The host cgroup the VM runs in (the booting task's).
     pub cgroup: Option<HostCgroup>,
-    vm: Mutex<Option<Vm>>,
-    exit_fd: OwnedFd,
-    _guest_log: husk_vsock::GuestLogReceiver,
+    /// Keeps the agent's log stream open while the VM lives.
+    _guest_log: Option<husk_vsock::GuestLogReceiver>,
+}
+
+/// How a shim gets its running VM: a cold boot ([`ColdBoot`]) today.
+#[async_trait]
+pub trait Launcher: Send + Sync {
+    /// A running sandbox for the shim's first task (`pod` describes it).
+    async fn launch(
+        &self,
+        config: &Config,
+        namespace: &str,
+        id: &str,
+        pod: &PodInfo,
+    ) -> Result<Sandbox, SandboxError>;
+}
+
+/// Boots a new VM from the configured kernel and initrd.
+pub struct ColdBoot;
+
+#[async_trait]
+impl Launcher for ColdBoot {
+    async fn launch(
+        &self,
+        config: &Config,
+        namespace: &str,
+        id: &str,
+        pod: &PodInfo,
+    ) -> Result<Sandbox, SandboxError> {
+        Sandbox::boot(config, namespace, id, pod).await
+    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SandboxError + '_ {
@@ -227,14 +252,29 @@ async fn stop_in_background(vm: Vm) -> String {
     .unwrap_or_default()
 }
 
-fn rpc_err(rpc: &'static str) -> impl FnOnce(ttrpc::Error) -> SandboxError {
-    move |e| SandboxError::Rpc {
-        rpc,
-        message: e.to_string(),
-    }
-}
-
 impl Sandbox {
+    /// A sandbox of an already running VM and its agent, with its
+    /// directory `dir` and staging tree `staging` made.
+    pub fn new(
+        id: &str,
+        dir: PathBuf,
+        staging: Beneath,
+        agent: Arc<dyn Agent>,
+        vm: Arc<dyn GuestVm>,
+        kill_grace: Duration,
+    ) -> Self {
+        Self {
+            id: id.to_string(),
+            dir,
+            staging,
+            agent,
+            vm,
+            kill_grace,
+            cgroup: None,
+            _guest_log: None,
+        }
+    }
+
     /// Boots the VM and waits for its agent.
     pub async fn boot(
         config: &Config,
@@ -284,7 +324,7 @@ impl Sandbox {
         }
         .await;
         if booted.is_err() {
-            remove_sandbox_dir(&dir);
+            remove_sandbox_dir_logged(&dir);
         }
         booted
     }
@@ -315,11 +355,6 @@ impl Sandbox {
         let vm = tokio::task::spawn_blocking(move || Vm::start(&vm_config))
             .await
             .map_err(|e| SandboxError::Agent(format!("VM start task failed: {e}")))??;
-        // SAFETY: the fd is the VM's exit eventfd, open while `vm` lives; we
-        // only duplicate it here.
-        let exit_fd = unsafe { BorrowedFd::borrow_raw(vm.exit_fd()) }
-            .try_clone_to_owned()
-            .map_err(io_err(&dir))?;
         let stats = vm.vmm_stats();
         let timeouts = config
             .agent
@@ -342,7 +377,7 @@ impl Sandbox {
             stall: timeouts.boot_stall,
             max: timeouts.boot_max,
         };
-        let agent = match husk_vsock::wait_for_agent(&vsock_uds, &vm, limits).await {
+        let client = match husk_vsock::wait_for_agent(&vsock_uds, &vm, limits).await {
             Ok((client, boot_time)) => {
                 husk_hypervisor::ledger::record_ready(boot_time);
                 tracing::info!(
@@ -358,19 +393,16 @@ impl Sandbox {
                 return Err(SandboxError::Agent(format!("{e} (VM: {reason}){hint}")));
             }
         };
-        let sandbox = Sandbox {
-            id: id.to_string(),
-            dir,
-            staging,
-            cgroup: None,
+        let vm: Arc<dyn GuestVm> = Arc::new(KvmVm::new(vm).map_err(io_err(&dir))?);
+        let diagnosed = Arc::downgrade(&vm);
+        let agent = TtrpcAgent::new(
+            client,
             vsock_uds,
-            agent,
-            request_timeout: timeouts.request,
-            kill_grace: timeouts.kill_grace,
-            vm: Mutex::new(Some(vm)),
-            exit_fd,
-            _guest_log: guest_log,
-        };
+            timeouts.request,
+            Arc::new(move || diagnosed.upgrade().and_then(|vm| vm.describe())),
+        );
+        let mut sandbox = Sandbox::new(id, dir, staging, Arc::new(agent), vm, timeouts.kill_grace);
+        sandbox._guest_log = Some(guest_log);
         if let Err(e) = sandbox.create_guest_sandbox(pod, net.as_ref()).await {
             sandbox.stop_vm().await;
             return Err(e);
@@ -395,25 +427,21 @@ impl Sandbox {
         req.hostname = pod.hostname.clone().unwrap_or_default();
         req.storages.push(share);
         self.agent
-            .create_sandbox(self.ctx(), &req)
+            .create_sandbox(req)
             .await
-            .map_err(rpc_err("CreateSandbox"))?;
+            .map_err(SandboxError::Rpc)?;
         let Some(net) = net else { return Ok(()) };
         for iface in &net.interfaces {
-            let mut update = UpdateInterfaceRequest::new();
-            update.interface = Some(network::guest_interface(iface)).into();
             self.agent
-                .update_interface(self.ctx(), &update)
+                .update_interface(network::guest_interface(iface))
                 .await
-                .map_err(rpc_err("UpdateInterface"))?;
+                .map_err(SandboxError::Rpc)?;
         }
         if !net.routes.is_empty() {
-            let mut routes = UpdateRoutesRequest::new();
-            routes.routes = net.routes.clone();
             self.agent
-                .update_routes(self.ctx(), &routes)
+                .update_routes(net.routes.clone())
                 .await
-                .map_err(rpc_err("UpdateRoutes"))?;
+                .map_err(SandboxError::Rpc)?;
         }
         tracing::info!(
             sandbox = self.id,
@@ -423,90 +451,28 @@ impl Sandbox {
         Ok(())
     }
 
-    /// An agent error for the task API. A request that timed out also says
-    /// what the guest was doing (logged, and in the error's message).
-    pub fn agent_error(&self, rpc: &str, e: ttrpc::Error) -> ttrpc::Error {
-        let timed_out = e.to_string().to_ascii_lowercase().contains("timeout");
-        let err = crate::errors::from_agent(rpc, e);
-        if !timed_out {
-            return err;
-        }
-        let Some(diagnosis) = lock(&self.vm).as_ref().map(Vm::describe_guest) else {
-            return err;
-        };
-        tracing::warn!(sandbox = self.id, "agent {rpc} timed out; {diagnosis}");
-        match err {
-            ttrpc::Error::RpcStatus(mut s) => {
-                s.message = format!(
-                    "{} (after {:.0} s; raise [agent] request_timeout_secs if the host is just slow); {diagnosis}",
-                    s.message,
-                    self.request_timeout.as_secs_f64()
-                );
-                ttrpc::Error::RpcStatus(s)
-            }
-            other => other,
-        }
-    }
-
-    /// A request context with the configured timeout.
-    pub fn ctx(&self) -> ttrpc::context::Context {
-        ttrpc::context::with_timeout(self.request_timeout.as_nanos() as i64)
-    }
-
-    /// Resolves when the VM stopped on its own (guest poweroff or crash).
-    pub async fn vm_exited(&self) -> ExitReason {
-        let registered = self.exit_fd.try_clone().and_then(|fd| {
-            // SAFETY: `fd` is an owned duplicate of the VM's exit eventfd;
-            // AsyncFd owns it and nothing else closes or replaces it.
-            unsafe { AsyncFd::register(fd) }.map_err(std::io::Error::from)
-        });
-        match registered {
-            Ok(fd) => {
-                let _ = fd.readable().await;
-            }
-            Err(e) => {
-                tracing::error!(sandbox = self.id, "cannot watch the VM's exit: {e}");
-                std::future::pending::<()>().await;
-            }
-        }
-        lock(&self.vm)
-            .as_ref()
-            .and_then(Vm::exit_reason)
-            .unwrap_or(ExitReason::Stopped)
-    }
-
     /// Whether the VM runs (it is not stopped, stopping, or ended).
     pub fn is_running(&self) -> bool {
-        lock(&self.vm)
-            .as_ref()
-            .is_some_and(|vm| vm.exit_reason().is_none())
+        self.vm.is_running()
     }
 
     /// Stops the VMM (after the guest ended on its own): every open agent
     /// call then fails instead of hanging. Idempotent.
     pub async fn stop_vm(&self) {
-        let Some(mut vm) = lock(&self.vm).take() else {
-            return;
-        };
-        let reason = tokio::task::spawn_blocking(move || vm.stop()).await;
-        tracing::info!(sandbox = self.id, "VM stopped: {reason:?}");
+        self.vm.stop().await;
+        tracing::info!(sandbox = self.id, "VM stopped");
     }
 
     /// Tells the agent to tear down, stops the VM, unmounts the share and
     /// removes the sandbox directory. Idempotent.
     pub async fn shutdown(&self) {
         if self.is_running() {
-            let ctx = ttrpc::context::with_timeout(Duration::from_secs(10).as_nanos() as i64);
-            if let Err(e) = self
-                .agent
-                .destroy_sandbox(ctx, &DestroySandboxRequest::new())
-                .await
-            {
-                tracing::warn!(sandbox = self.id, "DestroySandbox: {e}");
+            if let Err(e) = self.agent.destroy_sandbox(DESTROY_TIMEOUT).await {
+                tracing::warn!(sandbox = self.id, "{e}");
             }
         }
         self.stop_vm().await;
-        remove_sandbox_dir(&self.dir);
+        remove_sandbox_dir_logged(&self.dir);
         if let Some(cgroup) = &self.cgroup {
             cgroup.leave_and_remove();
         }
@@ -526,13 +492,23 @@ fn create_private_dir(dir: &Path) -> Result<(), SandboxError> {
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io_err(dir))
 }
 
-/// Unmounts whatever is left under a sandbox directory and removes it.
-pub fn remove_sandbox_dir(dir: &Path) {
-    for (path, e) in crate::rootfs::unmount_all(dir) {
-        tracing::warn!("cannot unmount {}: {e}", path.display());
-    }
+/// Unmounts whatever is left under a sandbox directory and removes it;
+/// what could not be undone, each said in a line.
+pub fn remove_sandbox_dir(dir: &Path) -> Vec<String> {
+    let mut problems: Vec<String> = crate::rootfs::unmount_all(dir)
+        .into_iter()
+        .map(|(path, e)| format!("cannot unmount {}: {e}", path.display()))
+        .collect();
     if let Err(e) = crate::rootfs::remove_unmounted_tree(dir) {
-        tracing::warn!("cannot remove {}: {e}", dir.display());
+        problems.push(format!("cannot remove {}: {e}", dir.display()));
+    }
+    problems
+}
+
+/// [`remove_sandbox_dir`], its problems logged.
+fn remove_sandbox_dir_logged(dir: &Path) {
+    for problem in remove_sandbox_dir(dir) {
+        tracing::warn!("{problem}");
     }
 }
 

@@ -3,6 +3,13 @@
 
 use std::sync::Arc;
 
+use crate::agent::ProcessRef;
+use crate::container::Shim;
+use crate::errors::*;
+use crate::events::timestamp;
+use crate::io::Stdio;
+use crate::metrics;
+use crate::process::Exit;
 use async_trait::async_trait;
 use containerd_shim::api::*;
 use containerd_shim::protos::api::ProcessInfo;
@@ -10,14 +17,6 @@ use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::protobuf::MessageField;
 use containerd_shim::protos::shim_async::Task;
 use containerd_shim::TtrpcContext;
-use husk_protocol::agent as pb;
-
-use crate::container::Shim;
-use crate::errors::*;
-use crate::events::timestamp;
-use crate::io::Stdio;
-use crate::metrics;
-use crate::process::Exit;
 
 pub struct TaskService {
     pub shim: Arc<Shim>,
@@ -136,18 +135,11 @@ impl Task for TaskService {
     async fn pids(&self, _ctx: &TtrpcContext, req: PidsRequest) -> ttrpc::Result<PidsResponse> {
         self.shim.container(&req.id)?;
         let sandbox = self.shim.sandbox()?;
-        let mut list = pb::ListProcessesRequest::new();
-        list.container_id = req.id.clone();
-        let resp = sandbox
-            .agent
-            .list_processes(sandbox.ctx(), &list)
-            .await
-            .map_err(|e| from_agent("ListProcesses", e))?;
-        let processes = resp
-            .processes
-            .iter()
-            .map(|p| ProcessInfo {
-                pid: p.pid,
+        let pids = sandbox.agent.list_processes(&req.id).await?;
+        let processes = pids
+            .into_iter()
+            .map(|pid| ProcessInfo {
+                pid,
                 ..Default::default()
             })
             .collect();
@@ -181,16 +173,14 @@ impl Task for TaskService {
     async fn resize_pty(&self, _ctx: &TtrpcContext, req: ResizePtyRequest) -> ttrpc::Result<Empty> {
         self.shim.container(&req.id)?.process(&req.exec_id)?;
         let sandbox = self.shim.sandbox()?;
-        let mut resize = pb::TtyWinResizeRequest::new();
-        resize.container_id = req.id.clone();
-        resize.exec_id = req.exec_id.clone();
-        resize.rows = req.height;
-        resize.columns = req.width;
+        let process = ProcessRef {
+            container_id: &req.id,
+            exec_id: &req.exec_id,
+        };
         sandbox
             .agent
-            .tty_win_resize(sandbox.ctx(), &resize)
-            .await
-            .map_err(|e| from_agent("TtyWinResize", e))?;
+            .resize_tty(process, req.height, req.width)
+            .await?;
         Ok(Empty::new())
     }
 
@@ -209,27 +199,17 @@ impl Task for TaskService {
             .resources
             .as_ref()
             .ok_or_else(|| invalid("update without resources"))?;
-        let mut update = pb::UpdateContainerRequest::new();
-        update.container_id = req.id.clone();
-        update.resources_json = resources.value.clone();
         sandbox
             .agent
-            .update_container(sandbox.ctx(), &update)
-            .await
-            .map_err(|e| from_agent("UpdateContainer", e))?;
+            .update_container(&req.id, resources.value.clone())
+            .await?;
         Ok(Empty::new())
     }
 
     async fn stats(&self, _ctx: &TtrpcContext, req: StatsRequest) -> ttrpc::Result<StatsResponse> {
         self.shim.container(&req.id)?;
         let sandbox = self.shim.sandbox()?;
-        let mut stats_req = pb::StatsContainerRequest::new();
-        stats_req.container_id = req.id.clone();
-        let stats = sandbox
-            .agent
-            .stats_container(sandbox.ctx(), &stats_req)
-            .await
-            .map_err(|e| from_agent("StatsContainer", e))?;
+        let stats = sandbox.agent.stats_container(&req.id).await?;
         let any =
             metrics::to_any(&metrics::to_metrics(&stats)).map_err(|e| internal(e.to_string()))?;
         Ok(StatsResponse {

@@ -63,10 +63,16 @@ impl Shim for HuskShim {
 
     async fn delete_shim(&mut self) -> containerd_shim::Result<DeleteResponse> {
         let bundle = std::env::current_dir().map_err(|e| Error::Other(format!("cwd: {e}")))?;
-        match TaskState::load(&bundle) {
-            Ok(Some(state)) => state.cleanup(),
-            Ok(None) => {}
-            Err(e) => eprintln!("husk: unreadable state in {}: {e}", bundle.display()),
+        // No log subscriber runs in `shim delete`: what went wrong goes to
+        // stderr and into the error, which containerd reports.
+        let cleaned = match TaskState::load(&bundle) {
+            Ok(Some(state)) => state.cleanup().map_err(|e| e.to_string()),
+            Ok(None) => Ok(()),
+            Err(e) => Err(format!("unreadable state in {}: {e}", bundle.display())),
+        };
+        if let Err(problem) = cleaned {
+            eprintln!("husk: {problem}");
+            return Err(Error::Other(problem));
         }
         Ok(DeleteResponse {
             exit_status: DEAD_SHIM_EXIT_STATUS,
@@ -89,12 +95,13 @@ impl Shim for HuskShim {
             id = self.id,
             "husk shim serving"
         );
-        let events = Events::new(publisher, &self.namespace);
+        let events = Events::new(Box::new(publisher), &self.namespace);
         let shim = Arc::new(container::Shim::new(
             &self.namespace,
             &self.id,
             events,
             self.exit.clone(),
+            Arc::new(crate::sandbox::ColdBoot),
         ));
         spawn_stop_on_signal(shim.clone());
         TaskService { shim }

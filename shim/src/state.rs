@@ -39,30 +39,38 @@ impl TaskState {
         }
     }
 
-    /// Undoes what a crashed shim left for this task. containerd also runs
-    /// `shim delete` after ordinary deletes of a pod's containers, while the
-    /// shim and its VM live on: then there is nothing to undo, and the live
-    /// VM's share must not be touched.
-    pub fn cleanup(&self) {
+    /// Undoes what a crashed shim left for this task; fails naming each
+    /// thing it could not undo. containerd also runs `shim delete` after
+    /// ordinary deletes of a pod's containers, while the shim and its VM
+    /// live on: then there is nothing to undo, and the live VM's share must
+    /// not be touched.
+    pub fn cleanup(&self) -> Result<(), CleanupError> {
         if crate::sandbox::is_alive(&self.sandbox_dir) {
-            tracing::info!(
-                "shim of {} is alive: nothing to clean up",
-                self.sandbox_dir.display()
-            );
-            return;
+            return Ok(());
         }
-        for (path, e) in crate::rootfs::unmount_all(&self.container_dir) {
-            tracing::warn!("cannot unmount {}: {e}", path.display());
-        }
+        let mut problems: Vec<String> = crate::rootfs::unmount_all(&self.container_dir)
+            .into_iter()
+            .map(|(path, e)| format!("cannot unmount {}: {e}", path.display()))
+            .collect();
         if let Err(e) = crate::rootfs::remove_unmounted_tree(&self.container_dir) {
-            tracing::warn!("{e}");
+            problems.push(e.to_string());
         }
         if self.owns_sandbox {
-            crate::sandbox::remove_sandbox_dir(&self.sandbox_dir);
-            crate::cgroup::HostCgroup::remove(&self.cgroup_dirs);
+            problems.extend(crate::sandbox::remove_sandbox_dir(&self.sandbox_dir));
+            problems.extend(crate::cgroup::HostCgroup::remove(&self.cgroup_dirs));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(CleanupError(problems))
         }
     }
 }
+
+/// What `shim delete` could not undo.
+#[derive(Debug, thiserror::Error)]
+#[error("cleanup incomplete: {}", .0.join("; "))]
+pub struct CleanupError(pub Vec<String>);
 
 #[cfg(test)]
 mod tests {
@@ -97,7 +105,8 @@ mod tests {
             owns_sandbox: true,
             cgroup_dirs: Vec::new(),
         }
-        .cleanup();
+        .cleanup()
+        .unwrap();
         assert!(sandbox.join("staging/c1/rootfs").exists());
     }
 
@@ -114,7 +123,33 @@ mod tests {
             owns_sandbox: true,
             cgroup_dirs: Vec::new(),
         }
-        .cleanup();
+        .cleanup()
+        .unwrap();
         assert!(!sandbox.exists());
+    }
+
+    #[test]
+    fn cleanup_that_cannot_undo_something_says_what() {
+        let dir = tempfile::tempdir().unwrap();
+        let sandbox = dir.path().join("sb");
+        std::fs::create_dir_all(sandbox.join("staging/c1")).unwrap();
+        // Not removable as a cgroup: a directory with a file in it.
+        let cgroup = dir.path().join("cg");
+        std::fs::create_dir_all(&cgroup).unwrap();
+        std::fs::write(cgroup.join("stray"), b"").unwrap();
+        let err = TaskState {
+            sandbox_dir: sandbox.clone(),
+            container_dir: sandbox.join("staging/c1"),
+            owns_sandbox: true,
+            cgroup_dirs: vec![cgroup.clone()],
+        }
+        .cleanup()
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains(&format!("cannot remove cgroup {}", cgroup.display())),
+            "{err}"
+        );
+        assert!(!sandbox.exists(), "the rest was still cleaned up");
     }
 }

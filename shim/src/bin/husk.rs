@@ -240,7 +240,11 @@ fn boot_guest(
             .await
             .map_err(|e| e.to_string())?;
         husk_hypervisor::ledger::record_ready(boot_time);
-        let ctx = || ttrpc::context::with_timeout(timeouts.request.as_nanos() as i64);
+        let ctx = || {
+            ttrpc::context::with_timeout(
+                i64::try_from(timeouts.request.as_nanos()).unwrap_or(i64::MAX),
+            )
+        };
         let health = client
             .check(ctx(), &CheckRequest::new())
             .await
