@@ -17,11 +17,12 @@ use crate::errors::*;
 use crate::events::Events;
 use crate::io::{self, Stdio};
 use crate::kill::KILL_SIGNAL;
-use crate::process::{lock, Exit, Process, ProcessState};
+use crate::process::{Exit, Process, ProcessState};
 use crate::rootfs::{self, ContainerDirs};
 use crate::sandbox::{sandbox_dir, Launcher, Sandbox};
 use crate::spec;
 use crate::state::TaskState;
+use husk_util::sync::lock;
 
 pub struct Container {
     pub id: String,

@@ -15,6 +15,7 @@ use containerd_shim::protos::protobuf::MessageDyn;
 use husk_config::Config;
 use husk_hypervisor::ExitReason;
 use husk_protocol::agent as pb;
+use husk_util::sync::lock;
 use husk_vsock::StdioKind;
 use tokio::sync::watch;
 
@@ -23,7 +24,6 @@ use crate::beneath::Beneath;
 use crate::errors::{internal, not_found, status};
 use crate::events::Publisher;
 use crate::guest_vm::GuestVm;
-use crate::process::lock;
 use crate::sandbox::{Launcher, Sandbox, SandboxError};
 use crate::spec::PodInfo;
 

@@ -7,9 +7,8 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 use husk_hypervisor::{ExitReason, Vm};
+use husk_util::sync::lock;
 use tokio::io::unix::AsyncFd;
-
-use crate::process::lock;
 
 #[async_trait]
 pub trait GuestVm: Send + Sync {

@@ -12,10 +12,10 @@ use std::path::{Path, PathBuf};
 
 use futures_util::TryStreamExt;
 use husk_protocol::agent::{Interface, IpAddress, Route};
+use husk_util::netlink::{self, mac_string, route_ip, Link};
 use rtnetlink::packet_route::address::AddressAttribute;
-use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
 use rtnetlink::packet_route::route::{
-    RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteProtocol, RouteType,
+    RouteAttribute, RouteFlags, RouteMessage, RouteProtocol, RouteType,
 };
 use rtnetlink::{Handle, RouteMessageBuilder};
 
@@ -95,56 +95,24 @@ fn nl_err(what: impl Into<String>, netns: &Path) -> impl FnOnce(rtnetlink::Error
     }
 }
 
-struct Link {
-    index: u32,
-    name: String,
-    mac: Option<[u8; 6]>,
-    mtu: u32,
-}
-
-fn link_of(msg: &LinkMessage) -> Link {
-    let mut link = Link {
-        index: msg.header.index,
-        name: String::new(),
-        mac: None,
-        mtu: 0,
-    };
-    for attr in &msg.attributes {
-        match attr {
-            LinkAttribute::IfName(n) => link.name = n.clone(),
-            LinkAttribute::Address(a) => link.mac = <[u8; 6]>::try_from(a.as_slice()).ok(),
-            LinkAttribute::Mtu(m) => link.mtu = *m,
-            _ => {}
-        }
-    }
-    link
-}
-
 /// Interfaces CNI made: ethernet links other than loopback and our taps.
 fn is_pod_interface(link: &Link) -> bool {
-    link.name != "lo" && !link.name.starts_with(TAP_PREFIX) && link.mac.is_some_and(|m| m != [0; 6])
+    link.name != "lo"
+        && !link.name.starts_with(TAP_PREFIX)
+        && link.ethernet_mac().is_some_and(|m| m != [0; 6])
 }
 
 /// Our taps are `husk_tap<N>`.
 const TAP_PREFIX: &str = "husk_tap";
 
 async fn links(handle: &Handle, netns: &Path) -> Result<Vec<Link>, NetworkError> {
-    let msgs: Vec<LinkMessage> = handle
-        .link()
-        .get()
-        .execute()
-        .try_collect()
+    netlink::links(handle)
         .await
-        .map_err(nl_err("list links", netns))?;
-    Ok(msgs.iter().map(link_of).collect())
-}
-
-fn route_ip(a: &RouteAddress) -> Option<IpAddr> {
-    match a {
-        RouteAddress::Inet(ip) => Some(IpAddr::V4(*ip)),
-        RouteAddress::Inet6(ip) => Some(IpAddr::V6(*ip)),
-        _ => None,
-    }
+        .map_err(|e| NetworkError::Netlink {
+            what: "list links".into(),
+            netns: netns.to_path_buf(),
+            message: e.to_string(),
+        })
 }
 
 /// A main-table route for the guest, unless the guest kernel makes it
@@ -213,7 +181,7 @@ pub async fn discover(netns: &Path) -> Result<PodNetwork, NetworkError> {
         }
         interfaces.push(PodInterface {
             name: link.name.clone(),
-            mac: link.mac.unwrap_or_default(),
+            mac: link.ethernet_mac().unwrap_or_default(),
             mtu: link.mtu,
             addresses,
             tap_name: format!("{TAP_PREFIX}{}", interfaces.len()),
@@ -296,13 +264,6 @@ pub async fn connect(net: &PodNetwork) -> Result<(), NetworkError> {
         tracing::info!(netns = %net.netns.display(), "{} <-> {} mirrored", iface.name, iface.tap_name);
     }
     Ok(())
-}
-
-fn mac_string(mac: &[u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
 }
 
 /// The guest interface the agent should configure for `iface`.

@@ -3,6 +3,8 @@
 //! its output copies finished; waiters are woken then.
 
 use std::sync::Mutex;
+
+use husk_util::sync::lock;
 use std::time::SystemTime;
 
 use containerd_shim::api::Status;
@@ -168,11 +170,6 @@ impl Process {
             _ => None,
         }
     }
-}
-
-/// Std mutexes here guard plain data; a panic elsewhere does not poison it.
-pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]
