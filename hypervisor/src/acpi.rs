@@ -39,13 +39,33 @@ pub enum AcpiError {
     GuestMemory(#[source] vm_memory::GuestMemoryError),
 }
 
-/// A virtio-mmio device as the DSDT describes it.
+/// A virtio-mmio device as the DSDT describes it: its window sits in the
+/// 32-bit MMIO gap.
 #[derive(Debug, Clone, Copy)]
 pub struct MmioDeviceAcpi {
-    pub base: u64,
-    pub len: u64,
+    pub base: u32,
+    pub len: u32,
     pub gsi: u32,
 }
+
+// The MADT's and the DSDT's fields for these are narrower than layout.rs's
+// constants; the asserts check at compile time that the values fit, so the
+// `as` cannot truncate.
+#[allow(clippy::cast_possible_truncation)]
+const LAPIC_ADDRESS: u32 = {
+    assert!(LAPIC_START <= u32::MAX as u64);
+    LAPIC_START as u32
+};
+#[allow(clippy::cast_possible_truncation)]
+const IOAPIC_ADDRESS: u32 = {
+    assert!(IOAPIC_START <= u32::MAX as u64);
+    IOAPIC_START as u32
+};
+#[allow(clippy::cast_possible_truncation)]
+const COM1_IO_LEN: u8 = {
+    assert!(COM1_PORT_LEN <= u8::MAX as u16);
+    COM1_PORT_LEN as u8
+};
 
 fn to_bytes(table: &dyn Aml) -> Vec<u8> {
     let mut bytes = Vec::new();
@@ -57,7 +77,7 @@ fn to_bytes(table: &dyn Aml) -> Vec<u8> {
 fn dsdt_body(devices: &[MmioDeviceAcpi]) -> Vec<u8> {
     let mut body = Vec::new();
 
-    let com1_io = aml::IO::new(COM1_PORT, COM1_PORT, 1, COM1_PORT_LEN as u8);
+    let com1_io = aml::IO::new(COM1_PORT, COM1_PORT, 1, COM1_IO_LEN);
     let com1_irq = aml::Interrupt::new(true, true, false, false, SERIAL_GSI);
     let com1_crs = aml::ResourceTemplate::new(vec![&com1_io, &com1_irq]);
     let com1_hid = aml::EISAName::new("PNP0501");
@@ -72,13 +92,11 @@ fn dsdt_body(devices: &[MmioDeviceAcpi]) -> Vec<u8> {
     );
     com1.to_aml_bytes(&mut body);
 
-    for (i, dev) in devices.iter().enumerate() {
-        let name = format!("_SB_.V{i:03X}");
-        // Device windows sit in the 32-bit MMIO gap.
-        let mem = aml::Memory32Fixed::new(true, dev.base as u32, dev.len as u32);
+    for (uid, dev) in (0u32..).zip(devices) {
+        let name = format!("_SB_.V{uid:03X}");
+        let mem = aml::Memory32Fixed::new(true, dev.base, dev.len);
         let irq = aml::Interrupt::new(true, true, false, false, dev.gsi);
         let crs = aml::ResourceTemplate::new(vec![&mem, &irq]);
-        let uid = i as u32;
         let fields = [
             aml::Name::new("_HID".into(), &"LNRO0005"),
             aml::Name::new("_UID".into(), &uid),
@@ -121,12 +139,12 @@ pub fn write_tables(
         OEM_ID,
         OEM_TABLE_ID,
         OEM_REVISION,
-        LocalInterruptController::Address(LAPIC_START as u32),
+        LocalInterruptController::Address(LAPIC_ADDRESS),
     );
     for id in 0..vcpus {
         madt.add_structure(ProcessorLocalApic::new(id, id, EnabledStatus::Enabled));
     }
-    madt.add_structure(IoApic::new(0, IOAPIC_START as u32, 0));
+    madt.add_structure(IoApic::new(0, IOAPIC_ADDRESS, 0));
     let madt = to_bytes(&madt);
 
     // Layout: RSDP, then XSDT, FADT, MADT, DSDT, each 16-byte aligned.
@@ -193,12 +211,12 @@ mod tests {
         let mem = crate::memory::create(64).unwrap();
         let devices = [
             MmioDeviceAcpi {
-                base: VIRTIO_MMIO_START,
+                base: u32::try_from(VIRTIO_MMIO_START).unwrap(),
                 len: 0x1000,
                 gsi: 5,
             },
             MmioDeviceAcpi {
-                base: VIRTIO_MMIO_START + 0x1000,
+                base: u32::try_from(VIRTIO_MMIO_START + 0x1000).unwrap(),
                 len: 0x1000,
                 gsi: 6,
             },

@@ -47,6 +47,13 @@ const CALIBRATION_PORT: u16 = 0x80;
 const MEMORY_MIB: u64 = 64;
 
 /// `start: mov ecx, BATCH; l: dec ecx; jnz l; out 0x80, al; jmp start`
+// Machine code: the port is an 8-bit immediate (0x80) and the jump back a
+// negative rel8 of a 13-byte loop, both written as their bytes.
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)]
 fn loop_code() -> Vec<u8> {
     let mut code = vec![0xb9];
     code.extend_from_slice(&BATCH.to_le_bytes());
@@ -141,10 +148,11 @@ mod tests {
         let code = loop_code();
         assert_eq!(code.len(), 13);
         // The jmp's target is offset 0.
-        let after_jmp = code.len() as i64;
-        assert_eq!(after_jmp + i64::from(code[12] as i8), 0);
+        let after_jmp = i64::try_from(code.len()).unwrap();
+        let rel8 = |b: u8| i64::from(i8::from_ne_bytes([b]));
+        assert_eq!(after_jmp + rel8(code[12]), 0);
         // The jnz's target is the dec at offset 5.
-        assert_eq!(9 + i64::from(code[8] as i8), 5);
+        assert_eq!(9 + rel8(code[8]), 5);
     }
 
     #[test]

@@ -66,14 +66,21 @@ impl DeviceManager {
         name: &'static str,
         device: Box<dyn VirtioDevice>,
     ) -> Result<(), DeviceManagerError> {
-        let index = self.transports.len() as u64;
-        let max_by_gsi = u64::from(LAST_DEVICE_GSI - FIRST_DEVICE_GSI + 1);
-        let max = VIRTIO_MMIO_MAX_DEVICES.min(max_by_gsi);
-        if index >= max {
-            return Err(DeviceManagerError::Full(max));
-        }
-        let base = VIRTIO_MMIO_START + index * VIRTIO_MMIO_SIZE;
-        let gsi = FIRST_DEVICE_GSI + index as u32;
+        let max_by_gsi = LAST_DEVICE_GSI - FIRST_DEVICE_GSI + 1;
+        let max = VIRTIO_MMIO_MAX_DEVICES.min(u64::from(max_by_gsi));
+        let full = || DeviceManagerError::Full(max);
+        let index = u32::try_from(self.transports.len())
+            .ok()
+            .filter(|i| u64::from(*i) < max)
+            .ok_or_else(full)?;
+        let base = VIRTIO_MMIO_START + u64::from(index) * VIRTIO_MMIO_SIZE;
+        // The windows sit in the 32-bit MMIO gap, as the DSDT describes them.
+        let acpi = MmioDeviceAcpi {
+            base: u32::try_from(base).map_err(|_| full())?,
+            len: u32::try_from(VIRTIO_MMIO_SIZE).map_err(|_| full())?,
+            gsi: FIRST_DEVICE_GSI + index,
+        };
+        let gsi = acpi.gsi;
 
         let irqfd = EventFd::new(EFD_NONBLOCK).map_err(|source| DeviceManagerError::EventFd {
             device: name,
@@ -92,11 +99,11 @@ impl DeviceManager {
                 source,
             }
         })?;
-        for (queue, evt) in transport.queue_events().iter().enumerate() {
+        for (queue, evt) in (0u32..).zip(transport.queue_events()) {
             vm.register_ioevent(
                 evt,
                 &IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET),
-                queue as u32,
+                queue,
             )
             .map_err(|source| DeviceManagerError::Kvm {
                 device: name,
@@ -108,11 +115,7 @@ impl DeviceManager {
         mmio_bus.insert(transport.clone(), base, VIRTIO_MMIO_SIZE)?;
         tracing::debug!("virtio {name} at {base:#x}, gsi {gsi}");
         self.transports.push(transport);
-        self.acpi.push(MmioDeviceAcpi {
-            base,
-            len: VIRTIO_MMIO_SIZE,
-            gsi,
-        });
+        self.acpi.push(acpi);
         Ok(())
     }
 

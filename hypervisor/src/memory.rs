@@ -24,18 +24,20 @@ pub enum MemoryError {
 }
 
 /// RAM ranges for `mem_bytes` of guest memory, leaving the MMIO gap free.
-pub fn ram_ranges(mem_bytes: u64) -> Vec<(GuestAddress, usize)> {
-    if mem_bytes <= MMIO_GAP_START {
-        vec![(GuestAddress(0), mem_bytes as usize)]
+pub fn ram_ranges(mem_bytes: u64) -> Result<Vec<(GuestAddress, usize)>, MemoryError> {
+    let size =
+        |bytes: u64| usize::try_from(bytes).map_err(|_| MemoryError::InvalidSize(mem_bytes >> 20));
+    Ok(if mem_bytes <= MMIO_GAP_START {
+        vec![(GuestAddress(0), size(mem_bytes)?)]
     } else {
         vec![
-            (GuestAddress(0), MMIO_GAP_START as usize),
+            (GuestAddress(0), size(MMIO_GAP_START)?),
             (
                 GuestAddress(MMIO_GAP_END),
-                (mem_bytes - MMIO_GAP_START) as usize,
+                size(mem_bytes - MMIO_GAP_START)?,
             ),
         ]
-    }
+    })
 }
 
 /// Allocates guest memory (anonymous, not populated: pages cost host memory
@@ -44,13 +46,12 @@ pub fn create(mem_mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
     if !(64..=1 << 20).contains(&mem_mib) {
         return Err(MemoryError::InvalidSize(mem_mib));
     }
-    GuestMemoryMmap::from_ranges(&ram_ranges(mem_mib << 20)).map_err(MemoryError::Allocate)
+    GuestMemoryMmap::from_ranges(&ram_ranges(mem_mib << 20)?).map_err(MemoryError::Allocate)
 }
 
 /// Registers every region of `mem` with KVM, one slot each.
 pub fn register(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
-    for (slot, region) in mem.iter().enumerate() {
-        let slot = slot as u32;
+    for (slot, region) in (0u32..).zip(mem.iter()) {
         let userspace_addr = region.as_ptr() as u64;
         let region_desc = kvm_bindings::kvm_userspace_memory_region {
             slot,
@@ -74,14 +75,17 @@ mod tests {
 
     #[test]
     fn small_guest_is_one_region_below_the_gap() {
-        assert_eq!(ram_ranges(256 << 20), vec![(GuestAddress(0), 256 << 20)]);
+        assert_eq!(
+            ram_ranges(256 << 20).unwrap(),
+            vec![(GuestAddress(0), 256 << 20)]
+        );
     }
 
     #[test]
     fn large_guest_skips_the_mmio_gap() {
-        let r = ram_ranges(4 << 30);
-        assert_eq!(r[0], (GuestAddress(0), MMIO_GAP_START as usize));
-        assert_eq!(r[1], (GuestAddress(MMIO_GAP_END), (1 << 30) as usize));
+        let r = ram_ranges(4 << 30).unwrap();
+        assert_eq!(r[0], (GuestAddress(0), 0xc000_0000));
+        assert_eq!(r[1], (GuestAddress(MMIO_GAP_END), 1 << 30));
     }
 
     #[test]

@@ -126,7 +126,10 @@ fn thread_cpu_time() -> Duration {
     if rc != 0 {
         return Duration::ZERO;
     }
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    match (u64::try_from(ts.tv_sec), u32::try_from(ts.tv_nsec)) {
+        (Ok(secs), Ok(nanos)) => Duration::new(secs, nanos),
+        _ => Duration::ZERO,
+    }
 }
 
 /// What the loop does after one KVM_RUN.
@@ -191,9 +194,10 @@ impl Vcpu {
         }
         self.stats.exits.fetch_add(1, Ordering::Relaxed);
         let spent = thread_cpu_time().saturating_sub(handling_started);
-        self.stats
-            .exit_cpu_ns
-            .fetch_add(spent.as_nanos() as u64, Ordering::Relaxed);
+        self.stats.exit_cpu_ns.fetch_add(
+            u64::try_from(spent.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
         step
     }
 

@@ -430,7 +430,7 @@ impl Vm {
         while !self.exit.is_requested() {
             let remaining = match deadline {
                 Some(d) => match d.checked_duration_since(Instant::now()) {
-                    Some(r) => r.as_millis().min(i32::MAX as u128) as i32,
+                    Some(r) => i32::try_from(r.as_millis()).unwrap_or(i32::MAX),
                     None => return None,
                 },
                 None => -1,
@@ -537,7 +537,11 @@ impl Vm {
     pub fn guest_memory_host_ranges(&self) -> Vec<(usize, usize)> {
         self.mem
             .iter()
-            .map(|r| (r.as_ptr() as usize, r.len() as usize))
+            // A mapped region's length fits the address space.
+            .map(|r| {
+                let len = usize::try_from(r.len()).unwrap_or(usize::MAX);
+                (r.as_ptr() as usize, len)
+            })
             .collect()
     }
 

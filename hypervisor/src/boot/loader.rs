@@ -42,6 +42,9 @@ pub enum BootError {
     /// The kernel command line is too long or malformed.
     #[error("invalid kernel command line {cmdline:?}: {reason}")]
     Cmdline { cmdline: String, reason: String },
+    /// A value does not fit its field of the boot protocol's zero page.
+    #[error("boot_params.{field} cannot hold {value:#x}")]
+    BootParamsField { field: &'static str, value: u64 },
     /// Writing boot structures into guest memory failed.
     #[error("cannot write {what} into guest memory: {source}")]
     GuestMemory {
@@ -212,6 +215,17 @@ fn e820_map(mem: &GuestMemoryMmap) -> Vec<boot_e820_entry> {
     map
 }
 
+/// `value` as the type of a zero-page field, or the error naming it.
+fn field<T, V>(name: &'static str, value: V) -> Result<T, BootError>
+where
+    V: Copy + TryInto<T> + TryInto<u64>,
+{
+    value.try_into().map_err(|_| BootError::BootParamsField {
+        field: name,
+        value: value.try_into().unwrap_or(u64::MAX),
+    })
+}
+
 fn write_boot_params(
     mem: &GuestMemoryMmap,
     cmdline_size: usize,
@@ -223,19 +237,19 @@ fn write_boot_params(
     params.hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
     params.hdr.header = KERNEL_HDR_MAGIC;
     params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT_BYTES;
-    params.hdr.cmd_line_ptr = CMDLINE_START as u32;
-    params.hdr.cmdline_size = cmdline_size as u32;
+    params.hdr.cmd_line_ptr = field("hdr.cmd_line_ptr", CMDLINE_START)?;
+    params.hdr.cmdline_size = field("hdr.cmdline_size", cmdline_size)?;
     if let Some((addr, size)) = initrd {
         // Low RAM ends below 4 GiB, so both fit the 32-bit fields.
-        params.hdr.ramdisk_image = addr.raw_value() as u32;
-        params.hdr.ramdisk_size = size as u32;
+        params.hdr.ramdisk_image = field("hdr.ramdisk_image", addr.raw_value())?;
+        params.hdr.ramdisk_size = field("hdr.ramdisk_size", size)?;
     }
     params.acpi_rsdp_addr = rsdp.raw_value();
     let map = e820_map(mem);
     for (slot, entry) in params.e820_table.iter_mut().zip(&map) {
         *slot = *entry;
     }
-    params.e820_entries = map.len() as u8;
+    params.e820_entries = field("e820_entries", map.len())?;
     mem.write_obj(params, GuestAddress(ZERO_PAGE_START))
         .map_err(|source| BootError::GuestMemory {
             what: "boot_params",

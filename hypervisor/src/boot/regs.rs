@@ -58,6 +58,9 @@ fn setup_regs(vcpu: &VcpuFd, entry: u64) -> Result<(), RegsError> {
 }
 
 /// kvm_segment for GDT entry `index` of [`BOOT_GDT`].
+// Each `as` takes a masked bit field of the descriptor (at most 32 bits
+// wide) or the selector of one of BOOT_GDT's few entries: none truncates.
+#[allow(clippy::cast_possible_truncation)]
 fn segment(index: usize) -> kvm_segment {
     let entry = BOOT_GDT[index];
     let bit = |n: u32| ((entry >> n) & 1) as u8;
@@ -84,12 +87,19 @@ fn segment(index: usize) -> kvm_segment {
     }
 }
 
+/// The GDT's limit: its size in bytes less one (it has a few entries).
+#[allow(clippy::cast_possible_truncation)]
+const GDT_LIMIT: u16 = {
+    assert!(BOOT_GDT.len() * 8 <= 1 << 16);
+    (BOOT_GDT.len() * 8 - 1) as u16
+};
+
 fn setup_sregs(vcpu: &VcpuFd) -> Result<(), RegsError> {
     let mut sregs: kvm_sregs = vcpu.get_sregs().map_err(kvm_err("special registers"))?;
     let code = segment(1);
     let data = segment(2);
     sregs.gdt.base = BOOT_GDT_START;
-    sregs.gdt.limit = (BOOT_GDT.len() * 8 - 1) as u16;
+    sregs.gdt.limit = GDT_LIMIT;
     sregs.idt.base = BOOT_IDT_START;
     sregs.idt.limit = 7;
     sregs.cs = code;
@@ -169,10 +179,11 @@ const APIC_MODE_EXTINT: u32 = 0x7;
 fn setup_lapic(vcpu: &VcpuFd) -> Result<(), RegsError> {
     let mut lapic = vcpu.get_lapic().map_err(kvm_err("LAPIC"))?;
     for (reg, mode) in [(APIC_LVT0, APIC_MODE_EXTINT), (APIC_LVT1, APIC_MODE_NMI)] {
-        let bytes: [u8; 4] = std::array::from_fn(|i| lapic.regs[reg + i] as u8);
+        // The register page is C chars (i8 here): the same bytes.
+        let bytes: [u8; 4] = std::array::from_fn(|i| lapic.regs[reg + i].to_ne_bytes()[0]);
         let value = (u32::from_le_bytes(bytes) & !0x700) | (mode << 8);
         for (i, b) in value.to_le_bytes().into_iter().enumerate() {
-            lapic.regs[reg + i] = b as _;
+            lapic.regs[reg + i] = i8::from_ne_bytes([b]);
         }
     }
     vcpu.set_lapic(&lapic).map_err(kvm_err("LAPIC"))
