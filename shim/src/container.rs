@@ -187,13 +187,12 @@ impl Shim {
         if let Some(config) = cached.as_ref() {
             return Ok(config.clone());
         }
-        let path = crate::options::config_path(req.options.as_ref())
-            .map_err(|e| invalid(e.to_string()))?;
+        let path = crate::options::config_path(req.options.as_ref())?;
         let config = match path {
             Some(path) => Config::load(std::path::Path::new(&path)),
             None => Config::discover(),
         }
-        .map_err(|e| invalid(e.to_string()))?;
+        .map_err(|e| from_config(&e))?;
         *cached = Some(config.clone());
         Ok(config)
     }
@@ -210,8 +209,7 @@ impl Shim {
                 let sandbox = self
                     .launcher
                     .launch(config, &self.namespace, &self.sandbox_id, pod)
-                    .await
-                    .map_err(|e| internal(e.to_string()))?;
+                    .await?;
                 let sandbox = Arc::new(sandbox);
                 self.spawn_watchers(&sandbox);
                 Ok::<_, ttrpc::Error>(sandbox)
@@ -247,10 +245,9 @@ impl Shim {
         let reservation = self.reserve(id)?;
         let config = self.config(req)?;
         let bundle = PathBuf::from(&req.bundle);
-        let spec_json = spec::load(&bundle).map_err(|e| invalid(e.to_string()))?;
+        let spec_json = spec::load(&bundle)?;
         let pod = spec::pod_info(&spec_json);
-        let guest =
-            spec::for_guest(spec_json, id, pod.is_sandbox).map_err(|e| invalid(e.to_string()))?;
+        let guest = spec::for_guest(spec_json, id, pod.is_sandbox)?;
         let stdio = Stdio {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),
@@ -323,8 +320,7 @@ impl Shim {
         };
         rootfs::mount_rootfs(id, &bundle, &req.rootfs, &sandbox.staging, &dirs)
             .await
-            .and_then(|()| rootfs::share_binds(&guest.binds, &sandbox.staging, &dirs))
-            .map_err(|e| internal(e.to_string()))?;
+            .and_then(|()| rootfs::share_binds(&guest.binds, &sandbox.staging, &dirs))?;
 
         let pid = sandbox
             .agent
@@ -458,7 +454,7 @@ impl Shim {
         if container.init.state() != ProcessState::Running {
             return Err(precondition(format!("container {id} is not running")));
         }
-        let json = spec::exec_process_for_guest(spec_json).map_err(|e| invalid(e.to_string()))?;
+        let json = spec::exec_process_for_guest(spec_json)?;
         let process = Arc::new(Process::new(id, Some(exec_id), stdio));
         *lock(&process.spec) = Some(json);
         {

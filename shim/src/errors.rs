@@ -27,6 +27,63 @@ pub fn internal(message: impl Into<String>) -> Error {
     status(Code::INTERNAL, message)
 }
 
+/// `e`'s message followed by each cause it does not already show, so a
+/// status keeps the whole story ("a: b: c").
+pub fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut message = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !message.contains(&text) {
+            message = format!("{message}: {text}");
+        }
+        cause = c.source();
+    }
+    message
+}
+
+impl From<crate::spec::SpecError> for Error {
+    fn from(e: crate::spec::SpecError) -> Self {
+        invalid(with_causes(&e))
+    }
+}
+
+impl From<crate::rootfs::RootfsError> for Error {
+    fn from(e: crate::rootfs::RootfsError) -> Self {
+        internal(with_causes(&e))
+    }
+}
+
+/// A config that does not parse is a bad argument; one that cannot be
+/// found or read, a host not set up.
+pub fn from_config(e: &husk_config::ConfigError) -> Error {
+    use husk_config::ConfigError as C;
+    let code = match e {
+        C::Parse { .. } | C::Invalid { .. } => Code::INVALID_ARGUMENT,
+        _ => Code::FAILED_PRECONDITION,
+    };
+    status(code, with_causes(e))
+}
+
+impl From<crate::sandbox::SandboxError> for Error {
+    fn from(e: crate::sandbox::SandboxError) -> Self {
+        use crate::sandbox::SandboxError as S;
+        match e {
+            S::Config(e) => from_config(&e),
+            S::BadConfig { .. } => invalid(with_causes(&e)),
+            // The agent's own status, already mapped.
+            S::Rpc(e) => e,
+            e => internal(with_causes(&e)),
+        }
+    }
+}
+
+impl From<crate::options::OptionsError> for Error {
+    fn from(e: crate::options::OptionsError) -> Self {
+        invalid(e.to_string())
+    }
+}
+
 /// Most bytes of guest text an error carries.
 pub const MAX_GUEST_TEXT: usize = 1024;
 
@@ -67,6 +124,39 @@ pub fn from_agent(rpc: &str, e: ttrpc::Error) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_keep_their_causes_and_codes() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("outer")]
+        struct Outer(#[source] std::io::Error);
+        let e = Outer(std::io::Error::other("the cause"));
+        assert_eq!(with_causes(&e), "outer: the cause");
+        let shown = crate::rootfs::RootfsError::Io {
+            path: "/x".into(),
+            source: std::io::Error::other("denied"),
+        };
+        assert_eq!(
+            with_causes(&shown),
+            "cannot prepare /x: denied",
+            "not twice"
+        );
+        let Error::RpcStatus(s) = Error::from(crate::spec::SpecError::InvalidProcess("x".into()))
+        else {
+            panic!("not a status")
+        };
+        assert_eq!(s.code(), Code::INVALID_ARGUMENT);
+        let missing = husk_config::ConfigError::NotFound { tried: "a".into() };
+        let Error::RpcStatus(s) = Error::from(crate::sandbox::SandboxError::Config(missing)) else {
+            panic!("not a status")
+        };
+        assert_eq!(s.code(), Code::FAILED_PRECONDITION);
+        let agent = status(Code::NOT_FOUND, "guest agent X: gone");
+        let Error::RpcStatus(s) = Error::from(crate::sandbox::SandboxError::Rpc(agent)) else {
+            panic!("not a status")
+        };
+        assert_eq!(s.code(), Code::NOT_FOUND, "the agent's code is kept");
+    }
 
     #[test]
     fn guest_text_is_escaped_and_capped() {
