@@ -120,6 +120,17 @@ impl Rig {
         step(self.shim.exec(id, exec_id, stdio, spec)).await
     }
 
+    /// Adds exec `exec_id` to `id` with its stdout on a FIFO; its reader.
+    async fn exec_with_stdout(&self, id: &str, exec_id: &str) -> std::fs::File {
+        let (stdout, reader) = self.fifo(&format!("{id}-{exec_id}.out"));
+        let stdio = Stdio {
+            stdout,
+            ..Stdio::default()
+        };
+        self.exec(id, exec_id, stdio).await.unwrap();
+        reader
+    }
+
     async fn wait(&self, id: &str, exec_id: &str) -> u32 {
         let process = self.shim.container(id).unwrap().process(exec_id).unwrap();
         step(process.wait()).await.status
@@ -286,17 +297,7 @@ async fn a_cancelled_create_releases_its_id_and_files() {
 async fn an_exec_whose_stdio_cannot_attach_is_not_left_running() {
     let Some(rig) = rig("c1") else { return };
     rig.run("c1").await;
-    let (stdout, _reader) = rig.fifo("exec-out");
-    rig.exec(
-        "c1",
-        "e1",
-        Stdio {
-            stdout,
-            ..Stdio::default()
-        },
-    )
-    .await
-    .unwrap();
+    let _reader = rig.exec_with_stdout("c1", "e1").await;
     rig.guest.fail("ConnectStdio");
     let e = step(rig.shim.start("c1", "e1")).await.unwrap_err();
     assert!(e.to_string().contains("e1"), "{e}");
@@ -310,17 +311,7 @@ async fn exec_output_reaches_its_fifo_before_its_exit() {
     use std::io::Read;
     let Some(rig) = rig("c1") else { return };
     rig.run("c1").await;
-    let (stdout, mut reader) = rig.fifo("out");
-    rig.exec(
-        "c1",
-        "e1",
-        Stdio {
-            stdout,
-            ..Stdio::default()
-        },
-    )
-    .await
-    .unwrap();
+    let mut reader = rig.exec_with_stdout("c1", "e1").await;
     step(rig.shim.start("c1", "e1")).await.unwrap();
     assert!(rig
         .guest
