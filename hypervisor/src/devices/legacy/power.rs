@@ -32,7 +32,7 @@ impl BusDevice for AcpiPowerPorts {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         let Some(&value) = data.first() else { return };
-        let port = ACPI_SLEEP_CONTROL_PORT as u64 + offset;
+        let port = u64::from(ACPI_SLEEP_CONTROL_PORT) + offset;
         if port == u64::from(ACPI_SLEEP_CONTROL_PORT) {
             // The guest first clears status, then writes SLP_TYP|SLP_EN:
             // only the latter means "enter S5 now".

@@ -308,7 +308,8 @@ where
         fuse_flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
         if self.read_only {
-            let f = flags as i32;
+            // open(2)'s flags as the C int they are (the same bits).
+            let f = i32::from_ne_bytes(flags.to_ne_bytes());
             // O_TMPFILE includes O_DIRECTORY; its own bit is what creates a file.
             let tmpfile = libc::O_TMPFILE & !libc::O_DIRECTORY;
             if f & libc::O_ACCMODE != libc::O_RDONLY

@@ -138,8 +138,8 @@ impl EventHandler for Worker {
 
     fn handle_event(&mut self, token: u64, _events: EventSet, _now: Instant) {
         match token {
-            q @ (0 | 1) => {
-                let q = q as usize;
+            0 | 1 => {
+                let q = if token == 0 { HIPRIO } else { REQUEST };
                 let _ = self.queues[q].notify.read();
                 self.pending[q] = true;
             }
@@ -222,11 +222,15 @@ fn handle_chain(
     )
 }
 
+/// The size of a FUSE reply header (16 bytes: fits).
+#[allow(clippy::cast_possible_truncation)]
+const OUT_HEADER_LEN: u32 = std::mem::size_of::<OutHeader>() as u32;
+
 /// Answers a request the server could not with EINVAL, so the guest's
 /// request completes instead of reading whatever the buffer held.
 fn reply_error(mut w: VirtioFsWriter<'_>, header: &InHeader) -> u32 {
     let out = OutHeader {
-        len: std::mem::size_of::<OutHeader>() as u32,
+        len: OUT_HEADER_LEN,
         error: -libc::EINVAL,
         unique: header.unique,
     };

@@ -20,6 +20,13 @@ use super::{
 use crate::bus::BusDevice;
 
 /// "virt" in little endian.
+/// The low 32 bits of a 64-bit feature word (the registers show it in two
+/// halves, selected by DeviceFeaturesSel).
+#[allow(clippy::cast_possible_truncation)]
+fn low_half(features: u64) -> u32 {
+    features as u32
+}
+
 const MAGIC_VALUE: u32 = 0x7472_6976;
 const MMIO_VERSION: u32 = 2;
 /// "HUSK" in little endian; drivers do not interpret it.
@@ -257,8 +264,8 @@ impl MmioTransport {
             reg::DEVICE_ID => self.device.device_type(),
             reg::VENDOR_ID => VENDOR_ID,
             reg::DEVICE_FEATURES => match self.device_features_sel {
-                0 => self.device.avail_features() as u32,
-                1 => (self.device.avail_features() >> 32) as u32,
+                0 => low_half(self.device.avail_features()),
+                1 => low_half(self.device.avail_features() >> 32),
                 _ => 0,
             },
             reg::QUEUE_NUM_MAX => queue.map_or(0, |q| u32::from(q.max_size)),

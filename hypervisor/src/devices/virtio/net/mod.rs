@@ -44,6 +44,9 @@ pub const VIRTIO_ID_NET: u32 = 1;
 const QUEUE_SIZES: [u16; 2] = [256; 2];
 /// mac (6), status (2), max_virtqueue_pairs (2), mtu (2).
 const CONFIG_LEN: usize = 12;
+/// The config space's 16-bit status field with the link up (bit 0).
+#[allow(clippy::cast_possible_truncation)]
+const LINK_UP_STATUS: u16 = VIRTIO_NET_S_LINK_UP as u16;
 /// Smallest MTU the spec allows a device to report (IPv4's minimum).
 pub const MIN_MTU: u16 = 68;
 
@@ -90,7 +93,7 @@ impl Net {
         }
         let mut config = [0u8; CONFIG_LEN];
         config[..6].copy_from_slice(&mac);
-        config[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+        config[6..8].copy_from_slice(&LINK_UP_STATUS.to_le_bytes());
         config[8..10].copy_from_slice(&1u16.to_le_bytes());
         config[10..12].copy_from_slice(&mtu.unwrap_or(0).to_le_bytes());
         Ok(Net {

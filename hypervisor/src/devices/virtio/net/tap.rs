@@ -9,7 +9,13 @@ use std::path::Path;
 /// Length of the virtio-net header (`virtio_net_hdr_v1`, with num_buffers)
 /// the tap puts in front of every frame: what a VERSION_1 driver uses.
 pub const VNET_HDR_LEN: usize = 12;
-const IFF_TAP_MODE: libc::c_int = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+// ifreq's flags are a C short; these interface flags (IFF_TAP 0x2,
+// IFF_NO_PI 0x1000, IFF_VNET_HDR 0x4000, IFF_UP 0x1) fit it.
+#[allow(clippy::cast_possible_truncation)]
+const IFF_TAP_MODE: libc::c_short =
+    (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+#[allow(clippy::cast_possible_truncation)]
+const IFF_UP: libc::c_short = libc::IFF_UP as libc::c_short;
 
 /// An open tap queue with a 12-byte virtio-net header, non-blocking.
 #[derive(Debug)]
@@ -34,7 +40,8 @@ fn ifreq(name: &str) -> io::Result<libc::ifreq> {
         ));
     }
     for (dst, &src) in ifr.ifr_name.iter_mut().zip(bytes) {
-        *dst = src as libc::c_char;
+        // The name's bytes, as C chars.
+        *dst = libc::c_char::from_ne_bytes([src]);
     }
     Ok(ifr)
 }
@@ -44,7 +51,7 @@ fn ifr_name(ifr: &libc::ifreq) -> String {
         .ifr_name
         .iter()
         .take_while(|&&c| c != 0)
-        .map(|&c| c as u8)
+        .map(|&c| c.to_ne_bytes()[0])
         .collect();
     String::from_utf8_lossy(&bytes).into_owned()
 }
@@ -83,7 +90,8 @@ impl Tap {
                 ),
             ));
         }
-        let hdr_len = VNET_HDR_LEN as libc::c_int;
+        let hdr_len = libc::c_int::try_from(VNET_HDR_LEN)
+            .map_err(|_| io::Error::other("virtio-net header length does not fit an int"))?;
         // SAFETY: TUNSETVNETHDRSZ reads one int through the pointer.
         let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETVNETHDRSZ, &hdr_len) };
         check(rc, "TUNSETVNETHDRSZ")?;
@@ -116,22 +124,16 @@ impl Tap {
     pub(crate) fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
         // SAFETY: the kernel writes at most buf.len() bytes into buf.
         let n = unsafe { libc::read(self.file.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(n as usize)
-        }
+        // Negative (-1) exactly when the call failed.
+        usize::try_from(n).map_err(|_| io::Error::last_os_error())
     }
 
     /// Writes one frame (with its virtio-net header).
     pub(crate) fn write(&self, buf: &[u8]) -> io::Result<usize> {
         // SAFETY: the kernel reads at most buf.len() bytes from buf.
         let n = unsafe { libc::write(self.file.as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
-        if n < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(n as usize)
-        }
+        // Negative (-1) exactly when the call failed.
+        usize::try_from(n).map_err(|_| io::Error::last_os_error())
     }
 }
 
@@ -177,7 +179,7 @@ pub fn open_tap(name: &str, netns: Option<&Path>) -> io::Result<Tap> {
 
 fn create_tap(name: &str) -> io::Result<Tap> {
     let mut ifr = ifreq(name)?;
-    ifr.ifr_ifru.ifru_flags = IFF_TAP_MODE as libc::c_short;
+    ifr.ifr_ifru.ifru_flags = IFF_TAP_MODE;
     // SAFETY: a NUL-terminated constant path.
     let fd = unsafe {
         libc::open(
@@ -207,7 +209,7 @@ fn set_link_up(ifr: &libc::ifreq) -> io::Result<()> {
     let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) };
     check(rc, "SIOCGIFFLAGS")?;
     // SAFETY: SIOCGIFFLAGS filled in the flags member.
-    unsafe { req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
+    unsafe { req.ifr_ifru.ifru_flags |= IFF_UP };
     // SAFETY: SIOCSIFFLAGS reads `req`.
     let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) };
     check(rc, "SIOCSIFFLAGS (link up)")

@@ -453,7 +453,8 @@ impl Worker {
             queue.set_next_avail(start);
             return Delivery::NoRoom;
         }
-        let count = picked.len() as u16;
+        // One buffer per descriptor chain: at most the queue size (a u16).
+        let count = u16::try_from(picked.len()).unwrap_or(u16::MAX);
         frame[HDR_NUM_BUFFERS..HDR_NUM_BUFFERS + 2].copy_from_slice(&count.to_le_bytes());
         let mut rest: &[u8] = frame;
         let mut used = Vec::with_capacity(junk.len() + picked.len());
@@ -465,7 +466,8 @@ impl Worker {
                 Err(_) => w.bytes_written(),
             };
             rest = &rest[n..];
-            used.push((head, written as u32));
+            // At most the chain's bytes, which a u32 counts.
+            used.push((head, u32::try_from(written).unwrap_or(u32::MAX)));
         }
         publish(queue, mem, used.into_iter());
         Delivery::Delivered

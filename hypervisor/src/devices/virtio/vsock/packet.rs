@@ -10,8 +10,18 @@ use virtio_vsock::packet::{VsockPacket, PKT_HEADER_SIZE};
 pub const HOST_CID: u64 = 2;
 /// Largest payload of one packet, either direction (Linux uses the same bound).
 pub const MAX_PKT_DATA: u32 = 64 * 1024;
-/// Size of the packet header in guest memory.
+/// Size of the packet header in guest memory (44 bytes: fits).
+#[allow(clippy::cast_possible_truncation)]
 pub const HDR_LEN: u32 = PKT_HEADER_SIZE as u32;
+
+/// `n` bytes as a vsock byte counter increment. The counters (rx_cnt,
+/// fwd_cnt, tx_cnt) count modulo 2^32 by the virtio spec, so keeping the
+/// low 32 bits is the arithmetic they want (and `n` is at most a packet or
+/// a buffer of 256 KiB anyway).
+#[allow(clippy::cast_possible_truncation)]
+pub fn counter_bytes(n: usize) -> std::num::Wrapping<u32> {
+    std::num::Wrapping(n as u32)
+}
 
 pub const TYPE_STREAM: u16 = 1;
 

@@ -11,6 +11,10 @@ use std::path::Path;
 
 use vm_memory::VolatileSlice;
 
+/// AF_UNIX (1) as sockaddr_un's family field: a constant that fits.
+#[allow(clippy::cast_possible_truncation)]
+const AF_UNIX_FAMILY: libc::sa_family_t = libc::AF_UNIX as libc::sa_family_t;
+
 /// Connects to the Unix stream socket at `path` without blocking. A listener
 /// whose backlog is full refuses (EAGAIN) instead of making us wait.
 pub fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
@@ -23,9 +27,10 @@ pub fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
             "socket path too long or contains NUL",
         ));
     }
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    addr.sun_family = AF_UNIX_FAMILY;
     for (dst, &src) in addr.sun_path.iter_mut().zip(bytes) {
-        *dst = src as libc::c_char;
+        // The path's bytes, as C chars.
+        *dst = libc::c_char::from_ne_bytes([src]);
     }
     // SAFETY: socket() takes no pointers; the result is checked below.
     let fd = unsafe {
@@ -47,7 +52,8 @@ pub fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
         libc::connect(
             owned.as_raw_fd(),
             (&addr as *const libc::sockaddr_un).cast::<libc::sockaddr>(),
-            len as libc::socklen_t,
+            libc::socklen_t::try_from(len)
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "socket path too long"))?,
         )
     };
     if ret < 0 {
@@ -71,8 +77,8 @@ unsafe fn send_raw(stream: &UnixStream, ptr: *const u8, len: usize) -> io::Resul
                 libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
             )
         };
-        if n >= 0 {
-            return Ok(n as usize);
+        if let Ok(n) = usize::try_from(n) {
+            return Ok(n);
         }
         let err = io::Error::last_os_error();
         if err.kind() != io::ErrorKind::Interrupted {

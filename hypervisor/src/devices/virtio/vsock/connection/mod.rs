@@ -324,11 +324,11 @@ impl Connection {
                 buffered: self.tx_buf.len(),
             });
         }
-        self.rx_cnt += Wrapping(len as u32);
+        self.rx_cnt += counter_bytes(len);
         if self.host_gone {
             // Nobody will read it; count it as consumed so the guest is not
             // left waiting for credit before it sees our SHUTDOWN(RCV).
-            self.fwd_cnt += Wrapping(len as u32);
+            self.fwd_cnt += counter_bytes(len);
             return Ok(());
         }
         let Some(stream) = &self.stream else {
@@ -345,7 +345,7 @@ impl Connection {
                 }
             }
         }
-        self.fwd_cnt += Wrapping(sent as u32);
+        self.fwd_cnt += counter_bytes(sent);
         if sent < len {
             let mut rest = vec![0u8; len - sent];
             if let Ok(tail) = data.offset(sent) {
@@ -401,7 +401,7 @@ impl Connection {
         let Some(stream) = &self.stream else { return };
         match uds::flush(stream, &mut self.tx_buf) {
             Ok(n) => {
-                self.fwd_cnt += Wrapping(n as u32);
+                self.fwd_cnt += counter_bytes(n);
                 if n > 0 {
                     self.want_credit_update();
                 }

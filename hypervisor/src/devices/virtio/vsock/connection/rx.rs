@@ -3,7 +3,6 @@
 //! into an rx buffer.
 
 use std::io;
-use std::num::Wrapping;
 use std::os::unix::net::UnixStream;
 
 use tracing::{debug, error};
@@ -87,8 +86,9 @@ impl Connection {
                 None
             }
             Ok(n) => {
-                self.tx_cnt += Wrapping(n as u32);
-                Some(n as u32)
+                self.tx_cnt += super::counter_bytes(n);
+                // At most `cap`, which is at most MAX_PKT_DATA.
+                Some(u32::try_from(n).unwrap_or(MAX_PKT_DATA))
             }
             Err(VolatileMemoryError::IOError(e)) if uds::would_block(&e) => {
                 self.pending.rw = false;
