@@ -13,6 +13,38 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{ActiveQueue, Interrupt};
 
+// Descriptor flags as the u16 a descriptor holds (virtio_bindings has them
+// as u32; all are below 8).
+#[allow(clippy::cast_possible_truncation)]
+pub const DESC_F_NEXT: u16 = virtio_bindings::bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
+#[allow(clippy::cast_possible_truncation)]
+pub const DESC_F_WRITE: u16 = virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
+#[allow(clippy::cast_possible_truncation)]
+pub const DESC_F_INDIRECT: u16 =
+    virtio_bindings::bindings::virtio_ring::VRING_DESC_F_INDIRECT as u16;
+
+/// The low 32 bits of `x`: how a driver writes a 64-bit address or feature
+/// word into a pair of 32-bit registers.
+#[allow(clippy::cast_possible_truncation)]
+pub fn lo32(x: u64) -> u32 {
+    x as u32
+}
+
+/// The high 32 bits of `x`.
+pub fn hi32(x: u64) -> u32 {
+    lo32(x >> 32)
+}
+
+/// The low byte of `x`: test patterns and seeds that cycle through 0-255.
+pub fn low_byte(x: impl Into<u64>) -> u8 {
+    x.into().to_le_bytes()[0]
+}
+
+/// A length, count or index the test or harness built small, as `T`.
+pub fn small<T: TryFrom<usize>>(n: usize) -> T {
+    T::try_from(n).unwrap_or_else(|_| panic!("{n} does not fit"))
+}
+
 /// Size of the fuzz harnesses' first memory region (at 0), which the input's
 /// image fills.
 pub const FUZZ_MEM_SIZE: usize = 0x1_0000;
@@ -37,9 +69,9 @@ pub fn fuzz_memory(image: &[u8]) -> GuestMemoryMmap {
 pub fn queue(max: u16, size: u16, desc: u64, avail: u64, used: u64) -> Queue {
     let mut q = Queue::new(max).expect("valid max size");
     q.set_size(size);
-    q.set_desc_table_address(Some(desc as u32), Some(0));
-    q.set_avail_ring_address(Some(avail as u32), Some(0));
-    q.set_used_ring_address(Some(used as u32), Some(0));
+    q.set_desc_table_address(Some(lo32(desc)), Some(0));
+    q.set_avail_ring_address(Some(lo32(avail)), Some(0));
+    q.set_used_ring_address(Some(lo32(used)), Some(0));
     q.set_ready(true);
     q
 }
@@ -90,6 +122,7 @@ mod driver {
     use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+    use super::{hi32, lo32};
     use crate::bus::BusDevice;
     use crate::devices::virtio::mmio::*;
     use crate::devices::virtio::{
@@ -162,7 +195,7 @@ mod driver {
         /// The queue as the transport would hand it to the device.
         pub fn create_queue(&self) -> virtio_queue::Queue {
             let mut queue: virtio_queue::Queue = self.mock.create_queue().unwrap();
-            queue.set_used_ring_address(Some(self.used.0 as u32), Some((self.used.0 >> 32) as u32));
+            queue.set_used_ring_address(Some(lo32(self.used.0)), Some(hi32(self.used.0)));
             queue
         }
 
@@ -214,17 +247,17 @@ mod driver {
         w(t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
         for sel in [1u32, 0] {
             w(t, 0x24, sel);
-            w(t, 0x20, (features >> (32 * sel)) as u32);
+            w(t, 0x20, lo32(features >> (32 * sel)));
         }
         let feat_ok = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK;
         w(t, 0x70, feat_ok);
         assert_eq!(status(t), feat_ok, "features refused");
-        for (i, q) in queues.iter().enumerate() {
-            w(t, 0x30, i as u32);
+        for (i, q) in (0u32..).zip(queues) {
+            w(t, 0x30, i);
             w(t, 0x38, u32::from(q.size));
             for (reg, addr) in [0x80, 0x90, 0xa0].into_iter().zip(q.addrs()) {
-                w(t, reg, addr.0 as u32);
-                w(t, reg + 4, (addr.0 >> 32) as u32);
+                w(t, reg, lo32(addr.0));
+                w(t, reg + 4, hi32(addr.0));
             }
             w(t, 0x44, 1);
         }

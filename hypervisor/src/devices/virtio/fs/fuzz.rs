@@ -25,6 +25,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::worker::{Worker, HIPRIO, REQUEST};
 use super::{build_fs, CachePolicy, FsOptions};
+use crate::devices::virtio::test_utils as tu;
 use crate::devices::virtio::test_utils::{
     active, desc, fuzz_input, fuzz_memory, interrupt, queue, FUZZ_MEM_SIZE as MEM_SIZE,
 };
@@ -263,7 +264,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
             major: 7,
             minor: 36,
             max_readahead: 0x2_0000,
-            flags: flags as u32,
+            flags: u32::try_from(flags).expect("INIT flags in the low word"),
         };
         let i2 = InitIn2 {
             flags2: 0,
@@ -277,7 +278,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
         ..Default::default()
     };
     let open = |flags: i32| OpenIn {
-        flags: flags as u32,
+        flags: u32::from_ne_bytes(flags.to_ne_bytes()),
         fuse_flags: 0,
     };
     let release = |fh: u64| ReleaseIn {
@@ -516,7 +517,7 @@ fn image(prefix: [u8; PREFIX], hiprio: &[Request], request: &[Request]) -> Vec<u
     use vm_memory::ByteValued;
     let mut mem = vec![0u8; MEM_SIZE];
     let mut put = |at: u64, bytes: &[u8]| {
-        let at = at as usize;
+        let at = usize::try_from(at).expect("seed address");
         mem[at..at + bytes.len()].copy_from_slice(bytes);
     };
     let mut slot = 0u64;
@@ -528,7 +529,7 @@ fn image(prefix: [u8; PREFIX], hiprio: &[Request], request: &[Request]) -> Vec<u
         for (i, (op, nodeid, body)) in reqs.iter().enumerate() {
             unique += 1;
             let hdr = InHeader {
-                len: (40 + body.len()) as u32,
+                len: tu::small(40 + body.len()),
                 opcode: *op as u32,
                 unique,
                 nodeid: *nodeid,
@@ -542,19 +543,35 @@ fn image(prefix: [u8; PREFIX], hiprio: &[Request], request: &[Request]) -> Vec<u
             put(at, hdr.as_slice());
             put(at + 40, body);
             let d = 2 * i as u64;
-            let len = 40 + body.len() as u32;
+            let len: u32 = tu::small(40 + body.len());
             let next = if with_reply { 1u16 } else { 0 };
-            put(table + 16 * d, &desc(at, len, next, d as u16 + 1));
+            put(
+                table + 16 * d,
+                &desc(
+                    at,
+                    len,
+                    next,
+                    u16::try_from(d + 1).expect("seed descriptor"),
+                ),
+            );
             if with_reply {
                 let reply = at + SEED_REPLY;
                 put(
                     table + 16 * (d + 1),
-                    &desc(reply, (SEED_SLOT - SEED_REPLY) as u32, 2, 0),
+                    &desc(
+                        reply,
+                        u32::try_from(SEED_SLOT - SEED_REPLY).expect("seed reply size"),
+                        2,
+                        0,
+                    ),
                 );
             }
-            put(avail + 4 + 2 * i as u64, &(d as u16).to_le_bytes());
+            put(
+                avail + 4 + 2 * i as u64,
+                &u16::try_from(d).expect("seed descriptor").to_le_bytes(),
+            );
         }
-        put(avail + 2, &(reqs.len() as u16).to_le_bytes());
+        put(avail + 2, &tu::small::<u16>(reqs.len()).to_le_bytes());
     }
     fuzz_input(&prefix, &mem)
 }

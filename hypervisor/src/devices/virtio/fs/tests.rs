@@ -9,9 +9,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use fuse_backend_rs::abi::fuse_abi::*;
-use virtio_bindings::bindings::virtio_ring::{
-    VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
-};
 use virtio_queue::desc::RawDescriptor;
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -20,6 +17,7 @@ use super::FsOptions;
 use super::*;
 use crate::bus::BusDevice;
 use crate::devices::virtio::mmio::*;
+use crate::devices::virtio::test_utils as tu;
 use crate::devices::virtio::test_utils::{
     activate, bring_up, kick, mem, raw, transport, TestQueue,
 };
@@ -32,8 +30,8 @@ const SLOT_SIZE: u64 = 0x4_0000;
 const SLOTS: u64 = 64;
 const REPLY: u64 = 0x2_0000;
 const WAIT: Duration = Duration::from_secs(5);
-const NEXT: u16 = VRING_DESC_F_NEXT as u16;
-const WRITE: u16 = VRING_DESC_F_WRITE as u16;
+const NEXT: u16 = tu::DESC_F_NEXT;
+const WRITE: u16 = tu::DESC_F_WRITE;
 
 /// A directory for one test, removed when the test ends.
 pub struct TestDir(PathBuf);
@@ -243,7 +241,7 @@ impl<'a> Guest<'a> {
     fn write_request(&mut self, opcode: u32, nodeid: u64, body: &[u8]) -> (u64, u64) {
         self.unique += 1;
         let hdr = InHeader {
-            len: (std::mem::size_of::<InHeader>() + body.len()) as u32,
+            len: tu::small(std::mem::size_of::<InHeader>() + body.len()),
             opcode,
             unique: self.unique,
             nodeid,
@@ -287,9 +285,9 @@ impl<'a> Guest<'a> {
         let (slot, len) = self.write_request(opcode, nodeid, body);
         let d = self.descs(q, 2);
         if out == 0 {
-            self.table(q, d, raw(slot, len as u32, 0, 0));
+            self.table(q, d, raw(slot, u32::try_from(len).unwrap(), 0, 0));
         } else {
-            self.table(q, d, raw(slot, len as u32, NEXT, d + 1));
+            self.table(q, d, raw(slot, u32::try_from(len).unwrap(), NEXT, d + 1));
             self.table(q, d + 1, raw(slot + REPLY, out, WRITE, 0));
         }
         let used = self.submit(q, d);
@@ -307,7 +305,7 @@ impl<'a> Guest<'a> {
                 major: 7,
                 minor: 36,
                 max_readahead: 0x2_0000,
-                flags: flags as u32,
+                flags: u32::try_from(flags).unwrap(),
             }
             .as_slice(),
             InitIn2 {
@@ -350,7 +348,7 @@ impl<'a> Guest<'a> {
 
     fn open(&mut self, nodeid: u64, flags: i32) -> Result<u64, i32> {
         let body = OpenIn {
-            flags: flags as u32,
+            flags: u32::from_ne_bytes(flags.to_ne_bytes()),
             fuse_flags: 0,
         };
         let r = self.call(Opcode::Open, nodeid, body.as_slice());
@@ -383,7 +381,7 @@ impl<'a> Guest<'a> {
         let hdr = WriteIn {
             fh,
             offset,
-            size: data.len() as u32,
+            size: tu::small(data.len()),
             ..Default::default()
         };
         let body = [hdr.as_slice(), data].concat();
@@ -438,7 +436,7 @@ impl<'a> Guest<'a> {
         mode: u32,
     ) -> Result<(EntryOut, u64), i32> {
         let args = CreateIn {
-            flags: flags as u32,
+            flags: u32::from_ne_bytes(flags.to_ne_bytes()),
             mode,
             umask: 0,
             fuse_flags: 0,
@@ -765,8 +763,8 @@ fn the_guest_cannot_leave_the_shared_directory() {
 
     // Device nodes: a host block device cannot be created, nor a char device
     // other than an overlay whiteout (0:0).
-    let sda = libc::makedev(8, 0) as u32;
-    let null = libc::makedev(1, 3) as u32;
+    let sda = u32::try_from(libc::makedev(8, 0)).unwrap();
+    let null = u32::try_from(libc::makedev(1, 3)).unwrap();
     assert_eq!(
         g.mknod(1, "sda", libc::S_IFBLK | 0o666, sda).err(),
         Some(libc::EPERM)
@@ -1131,16 +1129,15 @@ fn requests_in_indirect_tables_and_on_the_hiprio_queue_are_served() {
     g.init();
     let (slot, len) = g.write_request(Opcode::Lookup as u32, 1, &cstr("hello.txt"));
     let table = slot + 0x1_0000;
-    m.write_obj(raw(slot, len as u32, NEXT, 1), GuestAddress(table))
-        .unwrap();
+    m.write_obj(
+        raw(slot, u32::try_from(len).unwrap(), NEXT, 1),
+        GuestAddress(table),
+    )
+    .unwrap();
     m.write_obj(raw(slot + REPLY, 4096, WRITE, 0), GuestAddress(table + 16))
         .unwrap();
     let d = g.descs(worker::REQUEST, 1);
-    g.table(
-        worker::REQUEST,
-        d,
-        raw(table, 32, VRING_DESC_F_INDIRECT as u16, 0),
-    );
+    g.table(worker::REQUEST, d, raw(table, 32, tu::DESC_F_INDIRECT, 0));
     let used = g.submit(worker::REQUEST, d);
     let e: EntryOut = obj(g.read_reply(slot, used).ok());
     assert_eq!(e.attr.size, 20);
@@ -1204,8 +1201,8 @@ fn fuzz_entry_point_runs_its_seeds() {
                 x ^= x << 13;
                 x ^= x >> 7;
                 x ^= x << 17;
-                let at = (x as usize) % input.len();
-                input[at] = (x >> 32) as u8;
+                let at = usize::try_from(x % input.len() as u64).unwrap();
+                input[at] = tu::low_byte(x >> 32);
             }
             super::fuzz::fuzz_requests(&input);
         }
@@ -1274,7 +1271,7 @@ fn measure_in_process_cost() {
     let m = mem(MEM_SIZE);
     // Guest RAM the test's "driver" touches is the guest's, not the device's.
     m.write_slice(
-        &vec![0u8; (SLOT_BASE + SLOTS * SLOT_SIZE) as usize],
+        &vec![0u8; usize::try_from(SLOT_BASE + SLOTS * SLOT_SIZE).unwrap()],
         GuestAddress(0),
     )
     .unwrap();

@@ -2,6 +2,7 @@
 //! test plays the driver through the registers.
 
 use super::*;
+use crate::devices::virtio::test_utils as tu;
 use std::sync::Mutex;
 use virtio_queue::mock::MockSplitQueue;
 
@@ -34,7 +35,9 @@ impl VirtioDevice for FakeDevice {
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         for (i, b) in data.iter_mut().enumerate() {
-            *b = (offset as u8).wrapping_add(i as u8).wrapping_add(0x10);
+            *b = tu::low_byte(offset)
+                .wrapping_add(tu::low_byte(u64::try_from(i).unwrap()))
+                .wrapping_add(0x10);
         }
     }
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
@@ -102,7 +105,7 @@ fn negotiate(t: &mut MmioTransport, features: u64) -> u32 {
     w(t, reg::DRIVER_FEATURES_SEL, 1);
     w(t, reg::DRIVER_FEATURES, (features >> 32) as u32);
     w(t, reg::DRIVER_FEATURES_SEL, 0);
-    w(t, reg::DRIVER_FEATURES, features as u32);
+    w(t, reg::DRIVER_FEATURES, tu::lo32(features));
     w(
         t,
         reg::STATUS,
@@ -119,7 +122,7 @@ fn setup_queue(t: &mut MmioTransport, index: u32, size: u32, desc: u64, avail: u
         (reg::QUEUE_DRIVER_LOW, avail),
         (reg::QUEUE_DEVICE_LOW, used),
     ] {
-        w(t, low, v as u32);
+        w(t, low, tu::lo32(v));
         w(t, low + 4, (v >> 32) as u32);
     }
     w(t, reg::QUEUE_READY, 1);
@@ -370,7 +373,10 @@ fn out_of_order_status_and_misplaced_writes_are_ignored() {
     w(&mut t, reg::STATUS, STATUS_ACKNOWLEDGE);
     assert_eq!(r(&mut t, reg::STATUS), STATUS_ACKNOWLEDGE | STATUS_DRIVER);
     // Narrow and misaligned register writes are ignored.
-    t.write(reg::STATUS, &[STATUS_FEATURES_OK as u8 | 3]);
+    t.write(
+        reg::STATUS,
+        &[u8::try_from(STATUS_FEATURES_OK | 3).unwrap()],
+    );
     t.write(reg::STATUS, &u64::from(FEAT_OK).to_le_bytes());
     t.write(reg::STATUS + 2, &FEAT_OK.to_le_bytes());
     assert_eq!(r(&mut t, reg::STATUS), STATUS_ACKNOWLEDGE | STATUS_DRIVER);

@@ -18,6 +18,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::tap::{open_tap, Tap, VNET_HDR_LEN};
 use super::worker::{Features, NetStats, Worker};
+use crate::devices::virtio::test_utils as tu;
 use crate::devices::virtio::test_utils::{
     active, desc, fuzz_input, fuzz_memory, interrupt, queue, FUZZ_MEM_SIZE as MEM_SIZE,
 };
@@ -110,7 +111,7 @@ pub fn fuzz_queues(data: &[u8]) -> Outcome {
     worker.process_tx();
     let len = usize::from(prefix[2]) * 64;
     if len > 0 {
-        let mut frame: Vec<u8> = (0..len).map(|i| i as u8).collect();
+        let mut frame: Vec<u8> = (0..len).map(|i| i.to_le_bytes()[0]).collect();
         frame[..VNET_HDR_LEN].fill(0);
         if len >= VNET_HDR_LEN {
             frame[0] = prefix[3] & 3;
@@ -145,7 +146,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
         f.extend_from_slice(&[0xff; 6]);
         f.extend_from_slice(&[0x02, 0, 0, 0, 0, 1]);
         f.extend_from_slice(&[0x88, 0xb5]);
-        f.extend((0..payload).map(|i| i as u8));
+        f.extend((0..payload).map(|i| i.to_le_bytes()[0]));
         f
     };
     let plain = [frame(100, 0, 0), frame(1000, 0, 0), frame(46, 0, 0)];
@@ -188,7 +189,7 @@ enum Layout {
 fn image(prefix: [u8; PREFIX], tx: &[Vec<u8>], rx: &[u32], layout: Layout) -> Vec<u8> {
     let mut mem = vec![0u8; MEM_SIZE];
     let mut put = |at: u64, bytes: &[u8]| {
-        let at = at as usize;
+        let at = usize::try_from(at).expect("seed address");
         mem[at..at + bytes.len()].copy_from_slice(bytes);
     };
     let mut buf = 0x1000u64;
@@ -217,19 +218,22 @@ fn image(prefix: [u8; PREFIX], tx: &[Vec<u8>], rx: &[u32], layout: Layout) -> Ve
             }
             put(
                 TX_DESC + 16 * u64::from(d),
-                &desc(addr, len as u32, flags, d + 1),
+                &desc(addr, tu::small(len), flags, d + 1),
             );
             d += 1;
         }
         put(TX_AVAIL + 4 + 2 * i as u64, &head.to_le_bytes());
         buf += (f.len() as u64).next_multiple_of(64);
     }
-    put(TX_AVAIL + 2, &(tx.len() as u16).to_le_bytes());
+    put(TX_AVAIL + 2, &tu::small::<u16>(tx.len()).to_le_bytes());
     for (i, &len) in rx.iter().enumerate() {
         put(RX_DESC + 16 * i as u64, &desc(buf, len, 2, 0));
-        put(RX_AVAIL + 4 + 2 * i as u64, &(i as u16).to_le_bytes());
+        put(
+            RX_AVAIL + 4 + 2 * i as u64,
+            &tu::small::<u16>(i).to_le_bytes(),
+        );
         buf += u64::from(len);
     }
-    put(RX_AVAIL + 2, &(rx.len() as u16).to_le_bytes());
+    put(RX_AVAIL + 2, &tu::small::<u16>(rx.len()).to_le_bytes());
     fuzz_input(&prefix, &mem)
 }

@@ -9,13 +9,13 @@ use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use virtio_bindings::bindings::virtio_net::*;
-use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::*;
 use crate::devices::virtio::mmio::*;
+use crate::devices::virtio::test_utils as tu;
 use crate::devices::virtio::test_utils::{
     activate, bring_up, features, kick, mem, raw, transport, TestQueue,
 };
@@ -28,8 +28,8 @@ const TX_BASE: u64 = 0x120_0000;
 const TX_SLOT: u64 = 0x1_0000;
 const WAIT: Duration = Duration::from_secs(5);
 const QUIET: Duration = Duration::from_millis(300);
-const NEXT: u16 = VRING_DESC_F_NEXT as u16;
-const WRITE: u16 = VRING_DESC_F_WRITE as u16;
+const NEXT: u16 = tu::DESC_F_NEXT;
+const WRITE: u16 = tu::DESC_F_WRITE;
 const GUEST_MAC: [u8; 6] = [0x02, 0x48, 0x55, 0x53, 0x4b, 0x01];
 const PEER_MAC: [u8; 6] = [0x02, 0x48, 0x55, 0x53, 0x4b, 0x02];
 /// IEEE 802 "local experimental" EtherType: nothing else on the tap uses it.
@@ -134,7 +134,7 @@ impl NetNs {
             // SAFETY: a NUL-terminated interface name.
             let ifindex = unsafe { libc::if_nametoindex(ifname.as_ptr()) };
             assert!(ifindex > 0, "no such interface");
-            let proto = (libc::ETH_P_ALL as u16).to_be();
+            let proto = u16::try_from(libc::ETH_P_ALL).unwrap().to_be();
             // SAFETY: socket() takes no pointers.
             let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
             assert!(fd >= 0, "{}", std::io::Error::last_os_error());
@@ -142,15 +142,15 @@ impl NetNs {
             let fd = unsafe { OwnedFd::from_raw_fd(fd) };
             // SAFETY: sockaddr_ll is plain old data.
             let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_family = u16::try_from(libc::AF_PACKET).unwrap();
             sll.sll_protocol = proto;
-            sll.sll_ifindex = ifindex as i32;
+            sll.sll_ifindex = i32::try_from(ifindex).unwrap();
             // SAFETY: sll is a valid sockaddr_ll of the given size.
             let rc = unsafe {
                 libc::bind(
                     fd.as_raw_fd(),
                     (&sll as *const libc::sockaddr_ll).cast(),
-                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                    tu::small(std::mem::size_of::<libc::sockaddr_ll>()),
                 )
             };
             assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
@@ -165,7 +165,7 @@ impl NetNs {
                     libc::SOL_SOCKET,
                     libc::SO_RCVTIMEO,
                     (&tv as *const libc::timeval).cast(),
-                    std::mem::size_of::<libc::timeval>() as u32,
+                    tu::small(std::mem::size_of::<libc::timeval>()),
                 )
             };
             PacketSocket { fd }
@@ -191,7 +191,7 @@ impl PacketSocket {
         let n = unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
         assert_eq!(
             n,
-            frame.len() as isize,
+            isize::try_from(frame.len()).unwrap(),
             "{}",
             std::io::Error::last_os_error()
         );
@@ -204,7 +204,7 @@ impl PacketSocket {
         while Instant::now() < end {
             // SAFETY: sockaddr_ll is plain old data.
             let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            let mut len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+            let mut len: u32 = tu::small(std::mem::size_of::<libc::sockaddr_ll>());
             // SAFETY: buf and from are valid for the sizes given.
             let n = unsafe {
                 libc::recvfrom(
@@ -219,7 +219,7 @@ impl PacketSocket {
             if n < 0 || from.sll_pkttype == libc::PACKET_OUTGOING {
                 continue;
             }
-            let frame = &buf[..n as usize];
+            let frame = &buf[..usize::try_from(n).unwrap()];
             if frame.len() >= 14 && frame[12..14] == ETHERTYPE {
                 return Some(frame.to_vec());
             }
@@ -238,7 +238,7 @@ fn eth(dst: [u8; 6], src: [u8; 6], payload_len: usize, seed: u8) -> Vec<u8> {
     f.extend_from_slice(&dst);
     f.extend_from_slice(&src);
     f.extend_from_slice(&ETHERTYPE);
-    f.extend((0..payload_len).map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed)));
+    f.extend((0..payload_len).map(|i| i.to_le_bytes()[0].wrapping_mul(7).wrapping_add(seed)));
     f
 }
 
@@ -358,7 +358,7 @@ impl<'a> Guest<'a> {
         }
         let (id, len) = self.rx.used_elem(self.rx_seen);
         self.rx_seen = self.rx_seen.wrapping_add(1);
-        Some((id as u16, len))
+        Some((u16::try_from(id).unwrap(), len))
     }
 
     fn read_buf(&self, head: u16, len: u32) -> Vec<u8> {
@@ -402,16 +402,19 @@ impl<'a> Guest<'a> {
         bounds.extend_from_slice(cuts);
         bounds.push(bytes.len());
         let n = bounds.len() - 1;
-        let head = self.take_tx_descs(n as u16);
+        let head = self.take_tx_descs(tu::small(n));
         for i in 0..n {
             let flags = if i + 1 < n { NEXT } else { 0 };
             let d = raw(
                 base + bounds[i] as u64,
-                (bounds[i + 1] - bounds[i]) as u32,
+                tu::small(bounds[i + 1] - bounds[i]),
                 flags,
-                head + i as u16 + 1,
+                head + tu::small::<u16>(i) + 1,
             );
-            self.tx.desc_table().store(head + i as u16, d).unwrap();
+            self.tx
+                .desc_table()
+                .store(head + tu::small::<u16>(i), d)
+                .unwrap();
         }
         self.submit_tx(head);
     }
@@ -496,7 +499,7 @@ fn config_space_and_features_and_bad_arguments() {
     assert_eq!(&cfg[..6], &GUEST_MAC);
     assert_eq!(
         u16::from_le_bytes([cfg[6], cfg[7]]),
-        VIRTIO_NET_S_LINK_UP as u16
+        u16::try_from(VIRTIO_NET_S_LINK_UP).unwrap()
     );
     assert_eq!(u16::from_le_bytes([cfg[8], cfg[9]]), 1);
     assert_eq!(u16::from_le_bytes([cfg[10], cfg[11]]), 1450);
@@ -572,9 +575,9 @@ fn open_tap_works_in_the_namespace_and_leaves_the_callers_alone() {
         // SAFETY: ifreq is plain old data.
         let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
         for (d, s) in ifr.ifr_name.iter_mut().zip(b"novnet0") {
-            *d = *s as libc::c_char;
+            *d = libc::c_char::from_ne_bytes([*s]);
         }
-        ifr.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
+        ifr.ifr_ifru.ifru_flags = libc::c_short::try_from(libc::IFF_TAP | libc::IFF_NO_PI).unwrap();
         // SAFETY: TUNSETIFF reads one ifreq.
         let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut ifr) };
         assert_eq!(rc, 0);
@@ -634,7 +637,7 @@ fn frames_from_the_tap_arrive_in_rx_buffers_merged_or_not() {
         assert_eq!(rx.num_buffers() as usize, rx.buffers);
         // Several frames in a row keep their order.
         let frames: Vec<Vec<u8>> = (0..5)
-            .map(|i| eth(GUEST_MAC, PEER_MAC, 60 + i * 100, i as u8))
+            .map(|i| eth(GUEST_MAC, PEER_MAC, 60 + i * 100, tu::small(i)))
             .collect();
         for f in &frames {
             sock.send(f);
@@ -798,18 +801,21 @@ fn malformed_tx_chains_are_dropped_and_never_stall_the_device() {
     let mut bytes = vec![0u8; VNET_HDR_LEN];
     bytes.extend_from_slice(&good);
     m.write_slice(&bytes, GuestAddress(base)).unwrap();
-    let len = bytes.len() as u32;
+    let len: u32 = tu::small(bytes.len());
     let submit = |g: &mut Guest, descs: &[RawDescriptor]| {
-        let head = g.take_tx_descs(descs.len() as u16);
+        let head = g.take_tx_descs(tu::small(descs.len()));
         for (i, d) in descs.iter().enumerate() {
             let d = Descriptor::from(*d);
             let next = if d.flags() & NEXT != 0 {
-                head + i as u16 + 1
+                head + tu::small::<u16>(i) + 1
             } else {
                 0
             };
             g.tx.desc_table()
-                .store(head + i as u16, raw(d.addr().0, d.len(), d.flags(), next))
+                .store(
+                    head + tu::small::<u16>(i),
+                    raw(d.addr().0, d.len(), d.flags(), next),
+                )
                 .unwrap();
         }
         g.submit_tx(head);
@@ -830,7 +836,7 @@ fn malformed_tx_chains_are_dropped_and_never_stall_the_device() {
     let mut dropped = 5;
     // Checksum offload that was not negotiated.
     let mut hdr = [0u8; VNET_HDR_LEN];
-    hdr[0] = VIRTIO_NET_HDR_F_NEEDS_CSUM as u8;
+    hdr[0] = u8::try_from(VIRTIO_NET_HDR_F_NEEDS_CSUM).unwrap();
     hdr[6] = 14;
     hdr[8] = 2;
     g.send_split(hdr, &good, &[]);
@@ -838,7 +844,7 @@ fn malformed_tx_chains_are_dropped_and_never_stall_the_device() {
     dropped += 1;
     // TSO that was not negotiated.
     let mut hdr = [0u8; VNET_HDR_LEN];
-    hdr[1] = VIRTIO_NET_HDR_GSO_TCPV4 as u8;
+    hdr[1] = u8::try_from(VIRTIO_NET_HDR_GSO_TCPV4).unwrap();
     hdr[4] = 0x5a;
     g.send_split(hdr, &good, &[]);
     g.wait_tx();
@@ -961,13 +967,13 @@ fn fuzz_entry_point_runs_its_seeds() {
         }
         let mut x: u64 = 0x2545_f491_4f6c_dd1d;
         for _ in 0..300 {
-            let mut input = seeds[(x % seeds.len() as u64) as usize].clone();
+            let mut input = seeds[usize::try_from(x % seeds.len() as u64).unwrap()].clone();
             for _ in 0..16 {
                 x ^= x << 13;
                 x ^= x >> 7;
                 x ^= x << 17;
-                let at = (x as usize) % input.len();
-                input[at] = (x >> 32) as u8;
+                let at = usize::try_from(x % input.len() as u64).unwrap();
+                input[at] = tu::low_byte(x >> 32);
             }
             super::fuzz::fuzz_queues(&input);
         }

@@ -13,6 +13,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::muxer::{port_path, Muxer};
 use super::worker::Worker;
+use crate::devices::virtio::test_utils as tu;
 use crate::devices::virtio::test_utils::{
     active, desc, fuzz_input, fuzz_memory, interrupt, queue, FUZZ_MEM_SIZE as MEM_SIZE,
 };
@@ -215,10 +216,9 @@ fn image(
     packets: &[(super::packet::Header, &[u8])],
     single_desc: bool,
 ) -> Vec<u8> {
-    use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     let mut mem = vec![0u8; MEM_SIZE];
     let mut put = |at: u64, bytes: &[u8]| {
-        let at = at as usize;
+        let at = usize::try_from(at).expect("seed address");
         mem[at..at + bytes.len()].copy_from_slice(bytes);
     };
     // 16 rx buffers of 0x400 bytes at 0x8000.
@@ -226,7 +226,7 @@ fn image(
         let addr = 0x8000 + u64::from(i) * 0x400;
         put(
             RX_DESC + u64::from(i) * 16,
-            &desc(addr, 0x400, VRING_DESC_F_WRITE as u16, 0),
+            &desc(addr, 0x400, tu::DESC_F_WRITE, 0),
         );
         put(RX_AVAIL + 4 + u64::from(i) * 2, &i.to_le_bytes());
     }
@@ -245,26 +245,26 @@ fn image(
             d += 1;
         } else if single_desc {
             put(hdr_at + u64::from(HDR_LEN_U32), data);
-            let len = HDR_LEN_U32 + data.len() as u32;
+            let len = HDR_LEN_U32 + tu::small::<u32>(data.len());
             put(TX_DESC + u64::from(d) * 16, &desc(hdr_at, len, 0, 0));
             d += 1;
         } else {
             let data_at = 0x4000 + i as u64 * 0x100;
             put(data_at, data);
-            let next = VRING_DESC_F_NEXT as u16;
+            let next = tu::DESC_F_NEXT;
             put(
                 TX_DESC + u64::from(d) * 16,
                 &desc(hdr_at, HDR_LEN_U32, next, d + 1),
             );
             put(
                 TX_DESC + u64::from(d + 1) * 16,
-                &desc(data_at, data.len() as u32, 0, 0),
+                &desc(data_at, tu::small(data.len()), 0, 0),
             );
             d += 2;
         }
         put(TX_AVAIL + 4 + i as u64 * 2, &head.to_le_bytes());
     }
-    put(TX_AVAIL + 2, &(packets.len() as u16).to_le_bytes());
+    put(TX_AVAIL + 2, &tu::small::<u16>(packets.len()).to_le_bytes());
     fuzz_input(&prefix, &mem)
 }
 

@@ -7,9 +7,6 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use virtio_bindings::bindings::virtio_ring::{
-    VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
-};
 use virtio_queue::desc::RawDescriptor;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -19,6 +16,7 @@ use super::packet::*;
 use super::*;
 use crate::bus::BusDevice;
 use crate::devices::virtio::mmio::*;
+use crate::devices::virtio::test_utils as tu;
 use crate::devices::virtio::test_utils::{
     activate, bring_up, kick, mem, raw, transport, TestQueue,
 };
@@ -136,11 +134,11 @@ impl<'a> Guest<'a> {
             let slot = self.rx_posted % (QSIZE / 2);
             let addr = RX_BASE + u64::from(slot) * 0x2000;
             let d = slot * 2;
-            let w = VRING_DESC_F_WRITE as u16;
+            let w = tu::DESC_F_WRITE;
             let table = self.rx.desc_table();
             if self.split_rx {
                 table
-                    .store(d, raw(addr, HDR_LEN, w | VRING_DESC_F_NEXT as u16, d + 1))
+                    .store(d, raw(addr, HDR_LEN, w | tu::DESC_F_NEXT, d + 1))
                     .unwrap();
                 table.store(d + 1, raw(addr + 0x100, RX_BUF, w, 0)).unwrap();
             } else {
@@ -167,7 +165,7 @@ impl<'a> Guest<'a> {
         }
         let (id, len) = self.rx.used_elem(self.rx_seen);
         self.rx_seen = self.rx_seen.wrapping_add(1);
-        let desc = self.rx.descriptor(id as u16);
+        let desc = self.rx.descriptor(u16::try_from(id).unwrap());
         if len == 0 {
             return Some((Header::default(), Vec::new()));
         }
@@ -205,7 +203,7 @@ impl<'a> Guest<'a> {
     /// Sends a packet (its len set to the data's) the way the Linux driver lays
     /// it out: header and data in separate descriptors (one, without data).
     fn send(&mut self, mut hdr: Header, data: &[u8]) {
-        hdr.len = data.len() as u32;
+        hdr.len = tu::small(data.len());
         let d = self.tx_desc;
         self.tx_desc = (self.tx_desc + 2) % QSIZE;
         let addr = TX_BASE + u64::from(d) * TX_SLOT;
@@ -220,10 +218,10 @@ impl<'a> Guest<'a> {
                 .write_slice(data, GuestAddress(addr + 0x100))
                 .unwrap();
             table
-                .store(d, raw(addr, HDR_LEN, VRING_DESC_F_NEXT as u16, d + 1))
+                .store(d, raw(addr, HDR_LEN, tu::DESC_F_NEXT, d + 1))
                 .unwrap();
             table
-                .store(d + 1, raw(addr + 0x100, data.len() as u32, 0, 0))
+                .store(d + 1, raw(addr + 0x100, tu::small(data.len()), 0, 0))
                 .unwrap();
         }
         self.submit_tx(d);
@@ -274,7 +272,7 @@ impl<'a> Guest<'a> {
 
 fn pattern(n: usize, seed: u8) -> Vec<u8> {
     (0..n)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .map(|i| i.to_le_bytes()[0].wrapping_mul(31).wrapping_add(seed))
         .collect()
 }
 
@@ -645,7 +643,7 @@ fn malformed_tx_packets_are_dropped_or_reset_and_never_stall_the_device() {
             .unwrap();
     };
     let table = |g: &Guest, i: u16, d: RawDescriptor| g.tx.desc_table().store(i, d).unwrap();
-    const NEXT: u16 = VRING_DESC_F_NEXT as u16;
+    const NEXT: u16 = tu::DESC_F_NEXT;
 
     // A descriptor loop: header -> data -> header ...
     let mut h = g.hdr(OP_RST, 1, 2);
@@ -658,23 +656,15 @@ fn malformed_tx_packets_are_dropped_or_reset_and_never_stall_the_device() {
     probe(&mut g, 1);
 
     // A self-referencing indirect table, and one with a bad length.
-    table(
-        &g,
-        202,
-        raw(base + 0x1000, 16, VRING_DESC_F_INDIRECT as u16, 0),
-    );
+    table(&g, 202, raw(base + 0x1000, 16, tu::DESC_F_INDIRECT, 0));
     g.mem
         .write_obj(
-            raw(base + 0x1000, 16, VRING_DESC_F_INDIRECT as u16, 0),
+            raw(base + 0x1000, 16, tu::DESC_F_INDIRECT, 0),
             GuestAddress(base + 0x1000),
         )
         .unwrap();
     g.submit_tx(202);
-    table(
-        &g,
-        203,
-        raw(base + 0x1000, 15, VRING_DESC_F_INDIRECT as u16, 0),
-    );
+    table(&g, 203, raw(base + 0x1000, 15, tu::DESC_F_INDIRECT, 0));
     g.submit_tx(203);
     g.wait_tx();
     probe(&mut g, 2);
@@ -710,7 +700,7 @@ fn malformed_tx_packets_are_dropped_or_reset_and_never_stall_the_device() {
     g.submit_tx(208);
     g.wait_tx();
     // A write-only descriptor on the tx queue.
-    table(&g, 210, raw(base, 44, VRING_DESC_F_WRITE as u16, 0));
+    table(&g, 210, raw(base, 44, tu::DESC_F_WRITE, 0));
     g.submit_tx(210);
     g.wait_tx();
     g.expect_quiet();
@@ -760,8 +750,8 @@ fn malformed_rx_buffers_are_returned_empty_and_the_next_one_is_used() {
     let m = mem(MEM_SIZE);
     let mut g = Guest::via_mmio(&m, Vsock::new(CID, uds.clone()).unwrap());
     let table = |g: &Guest, i: u16, d: RawDescriptor| g.rx.desc_table().store(i, d).unwrap();
-    let w = VRING_DESC_F_WRITE as u16;
-    let next = VRING_DESC_F_NEXT as u16;
+    let w = tu::DESC_F_WRITE;
+    let next = tu::DESC_F_NEXT;
     // Read-only; too short for a header; outside memory; a data descriptor
     // over the bound; a data descriptor that is read-only.
     table(&g, 200, raw(RX_BASE, 4096, 0, 0));
@@ -905,7 +895,7 @@ fn fuzz_entry_point_runs_its_seeds() {
                 x ^= x << 13;
                 x ^= x >> 7;
                 x ^= x << 17;
-                x as u8
+                tu::low_byte(x)
             })
             .collect();
         super::fuzz::fuzz_queues(&input);
@@ -949,10 +939,10 @@ fn a_worker_with_nothing_it_can_do_sleeps() {
     assert_worker_idle(&mut g);
 
     // A zero-sized data buffer cannot carry data but can carry the RST.
-    let w = VRING_DESC_F_WRITE as u16;
+    let w = tu::DESC_F_WRITE;
     let table = g.rx.desc_table();
     table
-        .store(250, raw(RX_BASE, 44, w | VRING_DESC_F_NEXT as u16, 251))
+        .store(250, raw(RX_BASE, 44, w | tu::DESC_F_NEXT, 251))
         .unwrap();
     table.store(251, raw(RX_BASE + 0x100, 0, w, 0)).unwrap();
     g.rx.push_avail(250);
