@@ -19,11 +19,17 @@ pub const TAIL_LINES: usize = 12;
 /// Bytes kept of each line.
 pub const MAX_TAIL_LINE: usize = 240;
 
+/// What a Linux guest's console line says when its kernel panics (the
+/// stack trace after it would push it out of the tail).
+const PANIC_MARKER: &str = "Kernel panic - not syncing";
+
 /// Shared by the VM's devices, the guest log receiver and whoever waits.
 #[derive(Debug, Default)]
 pub struct GuestActivity {
     events: AtomicU64,
     tail: Mutex<VecDeque<String>>,
+    /// The last kernel panic line, kept apart from the tail.
+    panic: Mutex<Option<String>>,
 }
 
 impl GuestActivity {
@@ -45,11 +51,19 @@ impl GuestActivity {
             kept.truncate(cut);
             kept.push_str("...");
         }
+        if line.contains(PANIC_MARKER) {
+            *lock(&self.panic) = Some(kept.clone());
+        }
         let mut tail = lock(&self.tail);
         if tail.len() == TAIL_LINES {
             tail.pop_front();
         }
         tail.push_back(kept);
+    }
+
+    /// The guest kernel's last panic message, if it panicked.
+    pub fn panic_line(&self) -> Option<String> {
+        lock(&self.panic).clone()
     }
 
     /// Signs of life so far (only ever grows).
@@ -100,5 +114,18 @@ mod tests {
             long.len() <= MAX_TAIL_LINE + 3 && long.ends_with("..."),
             "{long}"
         );
+    }
+
+    #[test]
+    fn a_panic_line_outlives_the_tail() {
+        let a = GuestActivity::default();
+        assert_eq!(a.panic_line(), None);
+        a.note_line("console", "[ 1.0] Kernel panic - not syncing: sysrq triggered crash");
+        for i in 0..2 * TAIL_LINES {
+            a.note_line("console", &format!(" trace line {i}"));
+        }
+        assert!(a
+            .panic_line()
+            .is_some_and(|l| l.ends_with("not syncing: sysrq triggered crash")));
     }
 }

@@ -488,6 +488,11 @@ impl Vm {
         self.activity.tail()
     }
 
+    /// The guest kernel's panic message, if it panicked.
+    pub fn panic_line(&self) -> Option<String> {
+        self.activity.panic_line()
+    }
+
     /// Where each vCPU is now: kicks every vCPU out of the guest once and
     /// waits up to `timeout` for their answers.
     pub fn sample_vcpus(&self, timeout: Duration) -> Vec<VcpuSample> {

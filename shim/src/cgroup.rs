@@ -174,8 +174,19 @@ impl HostCgroup {
         Self::join_at(cgroups_path, Path::new("/proc/self/mountinfo"))
     }
 
-    fn join_at(cgroups_path: &str, mountinfo: &Path) -> Result<HostCgroup, CgroupError> {
+    /// The directories [`HostCgroup::join`] would make for `cgroups_path`
+    /// (recorded before the VM starts, so a shim killed during its boot
+    /// leaves nothing `shim delete` does not know of).
+    pub fn planned_dirs(cgroups_path: &str) -> Result<Vec<PathBuf>, CgroupError> {
         let rel = relative_path(cgroups_path)?;
+        let mountinfo = Path::new("/proc/self/mountinfo");
+        Ok(Self::roots(mountinfo)?
+            .into_iter()
+            .map(|(root, _)| root.join(&rel))
+            .collect())
+    }
+
+    fn roots(mountinfo: &Path) -> Result<Vec<(PathBuf, bool)>, CgroupError> {
         let text = std::fs::read_to_string(mountinfo).map_err(io_err("read", mountinfo))?;
         let roots = hierarchies(&text);
         if roots.is_empty() {
@@ -183,6 +194,12 @@ impl HostCgroup {
                 mountinfo: mountinfo.display().to_string(),
             });
         }
+        Ok(roots)
+    }
+
+    fn join_at(cgroups_path: &str, mountinfo: &Path) -> Result<HostCgroup, CgroupError> {
+        let rel = relative_path(cgroups_path)?;
+        let roots = Self::roots(mountinfo)?;
         let mut joined = HostCgroup::default();
         let pid = std::process::id().to_string();
         for (root, cpuset) in roots {

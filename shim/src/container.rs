@@ -261,6 +261,9 @@ impl Shim {
             )));
         }
 
+        if self.sandbox.get().is_none() {
+            self.record_before_boot(&config, &bundle, id, &pod)?;
+        }
         let sandbox = self.boot(&config, &pod).await?;
         let created = self
             .create_in_vm(&sandbox, req, &config, bundle, guest, stdio.clone())
@@ -286,6 +289,32 @@ impl Shim {
                 Err(e)
             }
         }
+    }
+
+    /// What `shim delete` must undo if this shim dies while the VM boots:
+    /// the sandbox directory (its share is mounted before the VM starts)
+    /// and the host cgroup the VM is about to join.
+    fn record_before_boot(
+        &self,
+        config: &Config,
+        bundle: &std::path::Path,
+        id: &str,
+        pod: &spec::PodInfo,
+    ) -> ttrpc::Result<()> {
+        let sandbox_dir = sandbox_dir(config, &self.namespace, &self.sandbox_id);
+        let cgroup_dirs = match &pod.cgroups_path {
+            Some(path) => crate::cgroup::HostCgroup::planned_dirs(path)
+                .map_err(|e| internal(with_causes(&e)))?,
+            None => Vec::new(),
+        };
+        TaskState {
+            container_dir: ContainerDirs::new(&sandbox_dir.join("staging"), id).root,
+            sandbox_dir,
+            owns_sandbox: id == self.sandbox_id,
+            cgroup_dirs,
+        }
+        .save(bundle)
+        .map_err(|e| internal(format!("cannot write state into {}: {e}", bundle.display())))
     }
 
     /// Create's part inside the running VM: files shared, the container

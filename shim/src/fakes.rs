@@ -441,6 +441,10 @@ impl GuestVm for FakeVm {
     fn describe(&self) -> Option<String> {
         Some("fake guest".into())
     }
+
+    fn last_output(&self) -> Option<String> {
+        Some("fake guest output".into())
+    }
 }
 
 /// Launches [`FakeGuest`]s with sandbox directories under `root`.

@@ -22,6 +22,9 @@ pub trait GuestVm: Send + Sync {
     /// What the guest was doing (for errors about a guest that does not
     /// answer); None once the VM is gone.
     fn describe(&self) -> Option<String>;
+    /// The guest's last lines of output (console and agent log), escaped;
+    /// None once the VM is gone.
+    fn last_output(&self) -> Option<String>;
 }
 
 /// A VM of the in-process VMM.
@@ -81,5 +84,15 @@ impl GuestVm for KvmVm {
 
     fn describe(&self) -> Option<String> {
         lock(&self.vm).as_ref().map(Vm::describe_guest)
+    }
+
+    fn last_output(&self) -> Option<String> {
+        lock(&self.vm).as_ref().map(|vm| {
+            let tail = vm.last_output().join(" | ");
+            match vm.panic_line() {
+                Some(panic) if !tail.contains(&panic) => format!("{panic} | ... | {tail}"),
+                _ => tail,
+            }
+        })
     }
 }

@@ -35,7 +35,13 @@ impl Shim {
         let sb = sandbox.clone();
         tokio::spawn(async move {
             let reason = sb.vm.exited().await;
-            tracing::warn!(sandbox = sb.id, "VM ended: {reason}");
+            // Why, as far as the guest said (a kernel panic prints its
+            // reason on the console even when quiet).
+            let output = sb.vm.last_output().unwrap_or_default();
+            tracing::warn!(
+                sandbox = sb.id,
+                "VM ended: {reason}; its tasks are reported lost; last guest output: {output}"
+            );
             // Tear the VMM down so every open agent call fails instead of
             // hanging; processes still running are reported as lost.
             sb.stop_vm().await;

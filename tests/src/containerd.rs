@@ -22,7 +22,58 @@ pub struct Containerd {
     pub husk_state: PathBuf,
     /// Owns `husk_state` when it is outside `dir`.
     _husk_state_dir: Option<tempfile::TempDir>,
+    launch: Launch,
     child: Child,
+}
+
+/// How this containerd is (re)started.
+struct Launch {
+    config: PathBuf,
+    husk_config: PathBuf,
+    path: String,
+    netns: Option<PathBuf>,
+    log: PathBuf,
+}
+
+impl Launch {
+    fn spawn(&self) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let mut command = Command::new("containerd");
+        command
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--log-level")
+            .arg("debug")
+            .env("PATH", &self.path)
+            .env("HUSK_CONFIG", &self.husk_config)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        // Kept open until containerd is spawned: its child enters it.
+        let netns = self.netns.as_ref().map(|ns| {
+            std::fs::File::open(ns)
+                .unwrap_or_else(|e| panic!("cannot open network namespace {}: {e}", ns.display()))
+        });
+        if let Some(ns) = &netns {
+            let fd = ns.as_raw_fd();
+            // SAFETY: runs in the forked child before exec; setns(2) is
+            // async-signal-safe and the closure allocates nothing.
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        command
+            .spawn()
+            .expect("cannot start containerd (install Debian's containerd)")
+    }
 }
 
 /// Where the shim binary is (`make shim`, or $HUSK_SHIM_DIR).
@@ -133,48 +184,42 @@ impl Containerd {
             shim_dir().display(),
             std::env::var("PATH").unwrap_or_default()
         );
-        let log = std::fs::File::create(root.join("containerd.log")).unwrap();
-        let mut command = Command::new("containerd");
-        command
-            .arg("--config")
-            .arg(&config)
-            .arg("--log-level")
-            .arg("debug")
-            .env("PATH", path)
-            .env("HUSK_CONFIG", &husk_config)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
-        // Kept open until containerd is spawned: its child enters it.
-        let netns = options.netns.as_ref().map(|ns| {
-            std::fs::File::open(ns)
-                .unwrap_or_else(|e| panic!("cannot open network namespace {}: {e}", ns.display()))
-        });
-        if let Some(ns) = &netns {
-            let fd = ns.as_raw_fd();
-            // SAFETY: runs in the forked child before exec; setns(2) is
-            // async-signal-safe and the closure allocates nothing.
-            unsafe {
-                command.pre_exec(move || {
-                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-        }
-        let child = command
-            .spawn()
-            .expect("cannot start containerd (install Debian's containerd)");
-        drop(netns);
+        let launch = Launch {
+            config,
+            husk_config,
+            path,
+            netns: options.netns.clone(),
+            log: root.join("containerd.log"),
+        };
+        let child = launch.spawn();
         let ctrd = Containerd {
             dir,
             socket,
             husk_state,
             _husk_state_dir: husk_state_dir,
+            launch,
             child,
         };
         ctrd.wait_ready();
         ctrd
+    }
+
+    /// Stops containerd (SIGTERM: its shims and their tasks live on) and
+    /// starts it again on the same root, state and config.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.child = self.launch.spawn();
+        self.wait_ready();
+    }
+
+    fn stop(&mut self) {
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        let _ = self.child.wait();
     }
 
     fn wait_ready(&self) {
@@ -321,13 +366,7 @@ pub fn shim_pid(binary: &str, id: &str) -> Option<u32> {
 
 impl Drop for Containerd {
     fn drop(&mut self) {
-        if let Ok(pid) = i32::try_from(self.child.id()) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-        }
-        let _ = self.child.wait();
+        self.stop();
         // Snapshot mounts containerd (or husk's shares) may have left behind.
         let mut mounts = self.mounts();
         mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));

@@ -137,8 +137,9 @@ fn pods(handler: &str) {
 /// The host's side of the isolation, in the privileged client pod: the VM
 /// (every shim thread) runs in the pod's cgroup, so a container that lifts
 /// its own in-guest CPU limit and spins every vCPU still gets no more than
-/// the pod's 500m of host CPU; and guest root that mounts the share finds
-/// it read-only outside its rootfs, so nothing reaches the host's disk.
+/// the pod's 500m of host CPU; guest root that mounts the share finds it
+/// read-only outside its rootfs, so nothing reaches the host's disk; and
+/// a guest kernel panic ends the pod's tasks with its reason logged.
 fn contained(cri: &Cri, pod: &Pod, pod_cgroup: &PodCgroup, clock: &mut Clock) {
     let shim = husk_tests::containerd::shim_pid("containerd-shim-husk-v2", &pod.id)
         .expect("the client pod's shim");
@@ -240,9 +241,24 @@ fn contained(cri: &Cri, pod: &Pod, pod_cgroup: &PodCgroup, clock: &mut Clock) {
         cores < 0.65,
         "the pod used {cores:.2} host cores against its 500m limit"
     );
-    cri.stop_container(&hog, 1);
-    cri.remove_container(&hog);
     clock.mark("CPU use of a pod that lifted its in-guest limit");
+
+    // Guest root panics the guest kernel: every task of the pod ends,
+    // reported lost (255), and containerd's log says why. The pod is then
+    // removed like any other, and nothing may be left (checked by the
+    // caller).
+    let _ = cri.try_exec_sync(&hog, &["sh", "-c", "echo c > /proc/sysrq-trigger"]);
+    let status = cri.wait_exited(&hog, op_timeout());
+    assert_eq!(status.exit_code, 255, "{status:?}");
+    let log = cri.containerd.log();
+    let ended = log.lines().find(|l| l.contains("VM ended"));
+    assert!(
+        ended.is_some_and(|l| l.contains("Kernel panic - not syncing: sysrq triggered crash")),
+        "containerd's log should say the guest kernel panicked: {ended:?}\n{}",
+        cri.diagnostics()
+    );
+    cri.remove_container(&hog);
+    clock.mark("a guest kernel panic");
 }
 
 /// In one pod: two long-running containers sharing volumes, then a

@@ -174,7 +174,7 @@ fn drain_pty(master: &mut std::fs::File) -> String {
 /// `long3`'s agent is made unresponsive, and a SIGKILL still ends it.
 #[test]
 fn long_running_tasks_tty_exec_pause_metrics_signals_and_a_crashed_shim() {
-    let c = ctrd();
+    let mut c = ctrd();
     let pty = nix::pty::openpty(None, None).unwrap();
     let slave = std::fs::File::from(pty.slave);
     let mut master = std::fs::File::from(pty.master);
@@ -332,6 +332,31 @@ fn long_running_tasks_tty_exec_pause_metrics_signals_and_a_crashed_shim() {
     );
     assert!(text.contains("stdin-is-a-tty"), "{text}");
 
+    // containerd restarts while long2 and long3 run: the shims live on,
+    // containerd finds them again, their task API serves, and exits still
+    // reach containerd (the shim's event publisher reconnects).
+    c.restart();
+    let events = EventWatch::start(&c);
+    let tasks = c.ctr_ok(&["tasks", "ls"]);
+    for id in ["long2", "long3"] {
+        assert!(
+            tasks
+                .lines()
+                .any(|l| l.starts_with(id) && l.contains("RUNNING")),
+            "{id} after containerd restarted:\n{tasks}"
+        );
+    }
+    let after = c.ctr_ok(&[
+        "tasks",
+        "exec",
+        "--exec-id",
+        "after-restart",
+        "long2",
+        "echo",
+        "still-serving",
+    ]);
+    assert_eq!(after, "still-serving\n");
+
     // long2: its shim dies with SIGKILL.
     assert!(
         !c.husk_mounts().is_empty(),
@@ -343,8 +368,8 @@ fn long_running_tasks_tty_exec_pause_metrics_signals_and_a_crashed_shim() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    // ctr's own Wait breaks with the connection; containerd notices the dead
-    // shim, runs `shim delete` and marks the task stopped.
+    // ctr's own Wait broke with containerd's restart; containerd notices
+    // the dead shim, runs `shim delete` and marks the task stopped.
     let out = long2.wait_with_output().unwrap();
     assert!(!out.status.success());
     let deadline = std::time::Instant::now() + op_timeout();
@@ -370,14 +395,18 @@ fn long_running_tasks_tty_exec_pause_metrics_signals_and_a_crashed_shim() {
     nix::sys::ptrace::interrupt(frozen).unwrap();
     nix::sys::wait::waitpid(frozen, Some(nix::sys::wait::WaitPidFlag::__WALL)).unwrap();
     c.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", "long3"]);
-    let out = long3.wait_with_output().unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(137),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
+    // Its `ctr run` lost containerd at the restart: the exit is seen as the
+    // event the shim published to the new containerd.
+    let exit = events.wait_for(host_timeouts().kill_grace + op_timeout(), |e| {
+        e.contains("/tasks/exit") && e.contains("\"container_id\":\"long3\"")
+    });
+    assert!(
+        exit.as_deref()
+            .is_some_and(|e| e.contains("\"exit_status\":137")),
+        "long3's exit (137) after containerd restarted: {exit:?}\n{}",
         c.diagnostics()
     );
+    let _ = long3.wait_with_output();
     assert!(
         c.log().contains("the guest does not answer"),
         "the exit came from the kill boundary\n{}",
@@ -392,6 +421,55 @@ fn long_running_tasks_tty_exec_pause_metrics_signals_and_a_crashed_shim() {
         let _ = c.ctr(&["containers", "rm", id]);
     }
     assert_clean(&c);
+}
+
+/// `ctr events` of a containerd, read on a thread.
+struct EventWatch {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl EventWatch {
+    fn start(c: &Containerd) -> EventWatch {
+        let mut child = c
+            .ctr_command(&["events"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        EventWatch { child, lines }
+    }
+
+    /// The first event line `matches` accepts, within `timeout`.
+    fn wait_for(&self, timeout: Duration, matches: impl Fn(&str) -> bool) -> Option<String> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if matches(&line) => return Some(line),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+    }
+}
+
+impl Drop for EventWatch {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// Runs `script` as exec `exec_id` of long1, waits for it to print
@@ -500,7 +578,148 @@ fn missing_kernel_and_unknown_runtime_options_are_clear_errors() {
         "error should name the unknown key: {stderr}"
     );
     let _ = c.ctr(&["containers", "rm", "typo"]);
+
+    // The filesystem under husk's state dir is full: a clear error, and
+    // no half-made sandbox left in it.
+    let full = c.dir.path().join("full");
+    std::fs::create_dir(&full).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &full,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=64k"),
+    )
+    .unwrap();
+    let unmount = Unmount(full.clone());
+    let filler = full.join("filler");
+    let mut f = std::fs::File::create(&filler).unwrap();
+    while f.write_all(&[0u8; 4096]).is_ok() {}
+    drop(f);
+    let full_config = c.dir.path().join("full.toml");
+    std::fs::write(
+        &full_config,
+        format!(
+            "[hypervisor]\nkernel = {:?}\ninitrd = {:?}\n[runtime]\nstate_dir = {:?}\n",
+            guest_kernel(),
+            guest_initrd(),
+            full.join("state")
+        ),
+    )
+    .unwrap();
+    let out = c.ctr(&run_args(
+        &["--runtime-config-path", full_config.to_str().unwrap()],
+        "nospace",
+        &["true"],
+    ));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("No space left on device") && stderr.contains(full.to_str().unwrap()),
+        "error should say the disk under the state dir is full: {stderr}\n{}",
+        c.diagnostics()
+    );
+    let _ = c.ctr(&["containers", "rm", "nospace"]);
+    let left: Vec<_> = walk(&full.join("state"));
+    assert!(left.is_empty(), "a half-made sandbox is left: {left:?}");
+    drop(unmount);
     assert_clean(&c);
+}
+
+/// Unmounts its path when dropped.
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// Every file (not directory) below `dir`.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .flat_map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => walk(&e.path()),
+            _ => vec![e.path()],
+        })
+        .collect()
+}
+
+/// The shim is killed (SIGKILL) while its task's VM boots: containerd's
+/// `shim delete` then removes everything the shim had made on the host
+/// (the sandbox directory with its mounted share, the task's cgroup).
+#[test]
+fn a_shim_killed_while_its_vm_boots_leaves_nothing_behind() {
+    let c = ctrd();
+    let run = c
+        .ctr_command(&run_args(&[], "midcreate", &["true"]))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The VM is up (its vCPU thread runs) and the share is mounted.
+    let deadline = std::time::Instant::now() + op_timeout();
+    let pid = loop {
+        let booting = shim_pid("containerd-shim-husk-v2", "midcreate")
+            .filter(|pid| thread_named(*pid, "husk-vcpu0").is_some());
+        if let (Some(pid), false) = (booting, c.husk_mounts().is_empty()) {
+            break pid;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the VM did not start\n{}",
+            c.diagnostics()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let cgroups: Vec<_> = cgroups_of(pid)
+        .into_iter()
+        .filter(|d| d.ends_with("midcreate"))
+        .collect();
+    assert!(!cgroups.is_empty(), "the VM runs in the task's cgroup");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid fits pid_t")),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let out = run.wait_with_output().unwrap();
+    assert!(!out.status.success(), "the create cannot have succeeded");
+    let _ = c.ctr(&["tasks", "rm", "-f", "midcreate"]);
+    let _ = c.ctr(&["containers", "rm", "midcreate"]);
+    assert_clean(&c);
+    let left: Vec<_> = cgroups.iter().filter(|d| d.exists()).collect();
+    assert!(left.is_empty(), "cgroups left behind: {left:?}");
+}
+
+/// The cgroup directories (every hierarchy) process `pid` is in, below
+/// the hierarchies' roots.
+fn cgroups_of(pid: u32) -> Vec<std::path::PathBuf> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let mut parts = l.splitn(3, ':');
+            let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+            if path == "/" {
+                return None;
+            }
+            let hierarchy = match controllers {
+                "" => "unified".to_string(),
+                c => c.trim_start_matches("name=").to_string(),
+            };
+            let root = ["/sys/fs/cgroup", &hierarchy].join("/");
+            let dir = if std::path::Path::new(&root).is_dir() {
+                std::path::PathBuf::from(root)
+            } else {
+                std::path::PathBuf::from("/sys/fs/cgroup")
+            };
+            Some(dir.join(path.trim_start_matches('/')))
+        })
+        .filter(|d| d.is_dir())
+        .collect()
 }
 
 /// `husk check` passes on this machine with containerd and the shim on PATH.
