@@ -29,7 +29,7 @@ export HUSK_VMM := $(abspath $(VMM))
 export HUSK_SHIM_DIR := $(abspath $(dir $(SHIM)))
 export HUSK_GUEST_PROBE := $(abspath $(GUEST_PROBE))
 
-.PHONY: setup toolchain build guest guest-test kernel agent initrd vmm shim demo install installer-image test test-unit test-vm lint fmt bench bench-boot bench-start fuzz clean
+.PHONY: setup toolchain build guest guest-test kernel agent initrd vmm shim demo install installer-image test test-unit test-vm lint fmt bench bench-boot bench-start soak fuzz clean
 
 build: guest vmm shim
 
@@ -140,6 +140,12 @@ clean: | toolchain
 	rm -rf build
 
 ## `ctr run --rm` latency, husk vs runc, and the shim's memory per container.
+## Churn: $(SOAK_PODS) husk pods made and removed one after another; nothing
+## of the host may grow (mounts, cgroups, links, containerd's fds, shim RSS).
+SOAK_PODS ?= 10
+soak: guest guest-test vmm shim | toolchain
+	HUSK_SOAK_PODS=$(SOAK_PODS) $(CARGO) test -p husk-tests --test cri soak_pods -- --ignored --test-threads=1 --nocapture
+
 bench-start: build | toolchain
 	$(CARGO) build --release -p husk-tests --bin husk-bench
 	target/release/husk-bench start --runs $${RUNS:-5} --out bench/results/start.json

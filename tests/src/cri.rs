@@ -955,6 +955,20 @@ impl Cri {
         paths
     }
 
+    /// Counts of what pods use on the host, to compare before and after a
+    /// churn of pods: nothing may grow.
+    pub fn host_snapshot(&self) -> HostSnapshot {
+        let count = |path: String| std::fs::read_dir(path).map_or(0, |d| d.count());
+        HostSnapshot {
+            mounts: std::fs::read_to_string("/proc/self/mountinfo")
+                .map_or(0, |t| t.lines().count()),
+            cgroups: cgroup_dirs(Path::new("/sys/fs/cgroup"), 6),
+            links: self.netns.links().len(),
+            containerd_fds: count(format!("/proc/{}/fd", self.containerd.pid())),
+            shims: self.containerd.shim_processes().len(),
+        }
+    }
+
     /// Waits up to `timeout` for [`Cri::leftovers`] to be empty (shims exit
     /// after their last task), then asserts it is.
     pub fn assert_clean(&self, pods: &[&Pod], timeout: Duration) {
@@ -1078,6 +1092,61 @@ impl Drop for Cri {
 /// Processes inside `pod`'s network namespace, holding it open (which
 /// keeps it, and a tap in it, alive after CRI removed its mount), or whose
 /// command line names the pod's id (its shim, its VM).
+/// What [`Cri::host_snapshot`] counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostSnapshot {
+    /// Mounts in the test's (the host's) mount namespace.
+    pub mounts: usize,
+    /// cgroup directories (every hierarchy, a few levels deep).
+    pub cgroups: usize,
+    /// Links in the CRI network namespace (taps and veths of pods).
+    pub links: usize,
+    /// containerd's open descriptors (FIFOs, sockets to shims).
+    pub containerd_fds: usize,
+    /// Shim processes of this containerd.
+    pub shims: usize,
+}
+
+impl HostSnapshot {
+    /// What grew from `before` to `self`, allowing containerd `fd_slack`
+    /// more descriptors (it keeps a few connections of its own).
+    pub fn growth_since(&self, before: &HostSnapshot, fd_slack: usize) -> Vec<String> {
+        let mut grew = Vec::new();
+        let checks = [
+            ("mounts", before.mounts, self.mounts, 0),
+            ("cgroups", before.cgroups, self.cgroups, 0),
+            ("links", before.links, self.links, 0),
+            (
+                "containerd fds",
+                before.containerd_fds,
+                self.containerd_fds,
+                fd_slack,
+            ),
+            ("shim processes", before.shims, self.shims, 0),
+        ];
+        for (what, was, now, slack) in checks {
+            if now > was + slack {
+                grew.push(format!("{what}: {was} -> {now}"));
+            }
+        }
+        grew
+    }
+}
+
+/// Directories below `dir`, at most `depth` levels down.
+fn cgroup_dirs(dir: &Path, depth: usize) -> usize {
+    if depth == 0 {
+        return 0;
+    }
+    std::fs::read_dir(dir).map_or(0, |entries| {
+        entries
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| 1 + cgroup_dirs(&e.path(), depth - 1))
+            .sum()
+    })
+}
+
 fn processes_of(pod: &Pod) -> Vec<u32> {
     let netns = pod.netns_inode.map(|ino| format!("net:[{ino}]"));
     let is_netns = |link: &Path| {

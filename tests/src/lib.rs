@@ -226,6 +226,16 @@ pub fn host_processes() -> Vec<HostProcess> {
         .collect()
 }
 
+/// Resident memory of process `pid` in KiB (0 once it is gone).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
 /// The command line of process `pid` ("" once it is gone).
 pub fn command_line_of(pid: u32) -> String {
     process_args(pid).unwrap_or_default().join(" ")

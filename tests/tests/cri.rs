@@ -94,13 +94,14 @@ fn pods(handler: &str) {
     let mut clock = Clock::new(handler);
     let cri = Cri::start();
     clock.mark("containerd with CRI up, images imported");
-    let pod = cri.run_pod(&cri.pod_config("lifecycle"), handler);
-    clock.mark("RunPodSandbox (default size)");
     // The client pod as kubelet makes a pod limited to 500m: a pod cgroup
     // on the host with that CFS quota as its cgroup parent, the pod-level
     // resources (256 MiB, half a CPU), and privileged, for the escape tests.
     let pod_cgroup =
         PodCgroup::with_cpu_limit(&format!("husk-test-{handler}-{}", std::process::id()), 500);
+    let before = cri.host_snapshot();
+    let pod = cri.run_pod(&cri.pod_config("lifecycle"), handler);
+    clock.mark("RunPodSandbox (default size)");
     let mut sized = cri.pod_config("client");
     if let Some(linux) = sized.linux.as_mut() {
         linux.resources = Some(resources(256 * MIB, 50_000, 100_000));
@@ -131,7 +132,56 @@ fn pods(handler: &str) {
         Vec::<String>::new(),
         "the sandbox's cgroup below the pod cgroup is left"
     );
+    // Two pods made and removed (one ended by a guest panic): nothing of
+    // the host's grew. (`make soak` churns many.)
+    let after = cri.host_snapshot();
+    assert_eq!(
+        after.growth_since(&before, FD_SLACK),
+        Vec::<String>::new(),
+        "before {before:?}, after {after:?}"
+    );
     clock.mark("nothing left behind");
+}
+
+/// containerd descriptors a churn may add that are its own (client
+/// connections it keeps, log files it reopens).
+const FD_SLACK: usize = 4;
+
+/// `make soak`: $HUSK_SOAK_PODS (default 10) husk pods, one after another,
+/// each with a container that runs a while: nothing of the host grows,
+/// and an idle pod's shim is as big as the first one's.
+#[test]
+#[ignore = "long: run by `make soak`"]
+fn soak_pods() {
+    let n: usize = std::env::var("HUSK_SOAK_PODS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    let cri = Cri::start();
+    let before = cri.host_snapshot();
+    let mut rss_kib = Vec::new();
+    for i in 0..n {
+        let pod = cri.run_pod(&cri.pod_config(&format!("soak{i}")), HUSK_HANDLER);
+        let c = cri.run_container(&pod, &cri.container_config("idle", &["sleep", "3600"]));
+        assert_eq!(cri.exec_ok(&c, &["echo", "up"]), "up\n");
+        let shim = husk_tests::containerd::shim_pid("containerd-shim-husk-v2", &pod.id)
+            .expect("the pod's shim");
+        rss_kib.push(husk_tests::rss_kib(shim));
+        cri.stop_container(&c, 1);
+        cri.remove_container(&c);
+        cri.stop_pod(&pod);
+        cri.remove_pod(&pod);
+        cri.assert_clean(&[&pod], op_timeout());
+        eprintln!("[soak] pod {}/{n}: shim RSS {} KiB", i + 1, rss_kib[i]);
+    }
+    let after = cri.host_snapshot();
+    eprintln!("[soak] {n} pods: host before {before:?}, after {after:?}; shim RSS KiB {rss_kib:?}");
+    assert_eq!(after.growth_since(&before, FD_SLACK), Vec::<String>::new());
+    let (first, last) = (rss_kib[0], rss_kib[n - 1]);
+    assert!(
+        last <= first + first / 5 + 2048,
+        "an idle pod's shim grew from {first} KiB (first pod) to {last} KiB (pod {n})"
+    );
 }
 
 /// The host's side of the isolation, in the privileged client pod: the VM
