@@ -10,6 +10,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::acpi::MmioDeviceAcpi;
 use crate::bus::{lock, Bus, BusError};
+use crate::devices::virtio::control::ControlHandle;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::layout::*;
@@ -50,13 +51,25 @@ pub enum DeviceManagerError {
 }
 
 /// The virtio devices of one VM.
-#[derive(Default)]
 pub struct DeviceManager {
     transports: Vec<Arc<Mutex<MmioTransport>>>,
     acpi: Vec<MmioDeviceAcpi>,
+    control: ControlHandle,
+    seccomp: bool,
 }
 
 impl DeviceManager {
+    /// Devices whose activations and resets run on `control`, and whose
+    /// workers install their seccomp filters if `seccomp`.
+    pub fn new(control: ControlHandle, seccomp: bool) -> Self {
+        Self {
+            transports: Vec::new(),
+            acpi: Vec::new(),
+            control,
+            seccomp,
+        }
+    }
+
     /// Adds `device` (named `name` in errors and logs) to the VM.
     pub fn add_virtio(
         &mut self,
@@ -93,12 +106,14 @@ impl DeviceManager {
                 source,
             })?;
         let interrupt = Arc::new(Interrupt::new(irqfd));
-        let transport = MmioTransport::new(mem.clone(), device, interrupt).map_err(|source| {
-            DeviceManagerError::Transport {
-                device: name,
-                source,
-            }
-        })?;
+        let mut transport =
+            MmioTransport::new(mem.clone(), device, interrupt).map_err(|source| {
+                DeviceManagerError::Transport {
+                    device: name,
+                    source,
+                }
+            })?;
+        transport.set_control(self.control.clone(), self.seccomp);
         for (queue, evt) in (0u32..).zip(transport.queue_events()) {
             vm.register_ioevent(
                 evt,

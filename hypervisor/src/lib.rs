@@ -19,6 +19,7 @@ pub mod ledger;
 pub mod memory;
 pub mod metrics;
 pub mod rate_limit;
+pub mod seccomp;
 pub mod vcpu;
 pub mod vm;
 

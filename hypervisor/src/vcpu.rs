@@ -114,6 +114,9 @@ pub struct Vcpu {
     pub stop: Arc<AtomicBool>,
     pub stats: Arc<VcpuStats>,
     pub sampler: Arc<VcpuSampler>,
+    /// The vCPU filter ([`crate::seccomp::ThreadKind::Vcpu`]), installed by
+    /// the thread before its first KVM_RUN; `None` runs unconfined.
+    pub seccomp: Option<Arc<crate::seccomp::ThreadFilter>>,
 }
 
 fn thread_cpu_time() -> Duration {
@@ -147,6 +150,13 @@ impl Vcpu {
     }
 
     fn run(mut self) {
+        if let Some(filter) = &self.seccomp {
+            if let Err(e) = filter.install() {
+                self.exit
+                    .request(ExitReason::Crashed(format!("vCPU {}: {e}", self.id)));
+                return;
+            }
+        }
         let mut first = true;
         while !self.stop.load(Ordering::SeqCst) && !self.exit.is_requested() {
             if first {

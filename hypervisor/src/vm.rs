@@ -20,12 +20,14 @@ use crate::cpuid::{self, CpuidPolicy};
 use crate::device_manager::DeviceManager;
 use crate::devices::legacy::power::{AcpiPowerPorts, I8042};
 use crate::devices::legacy::serial::{ConsoleOutput, ConsoleSink, SerialDevice};
+use crate::devices::virtio::control::ControlHandle;
 use crate::devices::virtio::fs::{CachePolicy, Fs, FsOptions};
 use crate::devices::virtio::net::{open_tap, Net};
 use crate::devices::virtio::vsock::Vsock;
 use crate::exit::{ExitReason, ExitSignal};
 use crate::host::{HostProfile, HostProfileSetting};
 use crate::layout::*;
+use crate::seccomp::ThreadKind;
 use crate::vcpu::{self, Vcpu, VcpuSample, VcpuSampler, VcpuStats};
 use crate::{acpi, memory};
 
@@ -96,6 +98,9 @@ pub struct VmConfig {
     /// [`Vm::progress`]); share it to feed other sources in, such as the
     /// agent's log stream.
     pub activity: Arc<GuestActivity>,
+    /// Each vCPU and device worker thread installs its seccomp filter
+    /// ([`crate::seccomp`]) before it serves the guest. Off only to debug.
+    pub seccomp: bool,
 }
 
 impl VmConfig {
@@ -113,6 +118,7 @@ impl VmConfig {
             shared_fs: None,
             net: Vec::new(),
             activity: Arc::default(),
+            seccomp: true,
         }
     }
 }
@@ -170,6 +176,8 @@ pub enum VmError {
     Net(#[from] crate::devices::virtio::net::NetError),
     #[error(transparent)]
     Bus(#[from] crate::bus::BusError),
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
     #[error("cannot open console output: {0}")]
     Console(#[source] std::io::Error),
     #[error("{what}: {source}")]
@@ -317,7 +325,11 @@ impl Vm {
         let pio = legacy_devices(&vm_fd, config, &exit)?;
 
         let mut mmio = Bus::new();
-        let mut devices = DeviceManager::default();
+        // Activations run on the control thread, started here (before any
+        // vCPU, from a thread without a VMM filter) so the device workers
+        // it starts inherit no vCPU filter.
+        let control = ControlHandle::start().map_err(io_err("spawn the device control thread"))?;
+        let mut devices = DeviceManager::new(control, config.seccomp);
         if let Some(vsock) = &config.vsock {
             let device = Vsock::new(vsock.guest_cid, vsock.uds_path.clone()).map_err(|source| {
                 VmError::Vsock {
@@ -355,6 +367,13 @@ impl Vm {
         let cpuid_template = cpuid::base(&kvm, &config.cpuid, profile.hidden_features())?;
         vcpu::install_kick_handler().map_err(io_err("install vCPU kick handler"))?;
         let stop = Arc::new(AtomicBool::new(false));
+        let vcpu_filter = match config.seccomp {
+            true => Some(Arc::new(ThreadKind::Vcpu.filter()?)),
+            false => {
+                tracing::warn!("seccomp filters are off ([hypervisor] seccomp = false)");
+                None
+            }
+        };
         let stats = Arc::new(VcpuStats::default());
         let sampler = Arc::new(VcpuSampler::default());
         let mut vcpus = Vec::with_capacity(config.vcpus.into());
@@ -374,6 +393,7 @@ impl Vm {
                 stop: stop.clone(),
                 stats: stats.clone(),
                 sampler: sampler.clone(),
+                seccomp: vcpu_filter.clone(),
             });
         }
 

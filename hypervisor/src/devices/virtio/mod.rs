@@ -5,6 +5,7 @@
 //! (`mmio`) owns the registers and queue configuration, and calls
 //! [`VirtioDevice::activate`] once the driver sets DRIVER_OK.
 
+pub mod control;
 pub mod fs;
 pub mod mmio;
 pub mod net;
@@ -95,6 +96,9 @@ pub struct ActivateContext {
     /// One entry per queue, in queue-index order, all marked ready by the driver.
     pub queues: Vec<ActiveQueue>,
     pub interrupt: std::sync::Arc<Interrupt>,
+    /// The worker installs its seccomp filter (`crate::seccomp`) before it
+    /// serves the guest; false only to debug (`[hypervisor] seccomp = false`).
+    pub seccomp: bool,
 }
 
 /// Errors starting a device.
@@ -109,6 +113,9 @@ pub enum ActivateError {
     /// The device is already active.
     #[error("device already active")]
     AlreadyActive,
+    /// The worker's seccomp filter could not be built or installed.
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
 }
 
 /// Copies the config-space bytes at `offset` into `data`; bytes past the

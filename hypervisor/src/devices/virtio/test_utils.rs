@@ -303,6 +303,8 @@ mod driver {
             acked_features: features,
             queues: active,
             interrupt: irq,
+            // The device tests run every worker under its real filter.
+            seccomp: true,
         })
         .unwrap();
         (notify, irqfd)

@@ -5,7 +5,9 @@
 //! stops when the kill eventfd fires, and does not wait at all while work is
 //! left over (a batch was cut short so the kill eventfd and the other queues
 //! get a turn). [`EventLoop`] is that loop; a device only says what its events
-//! mean ([`EventHandler`]). [`DeviceWorker`] is the thread running it.
+//! mean ([`EventHandler`]). [`DeviceWorker`] is the thread running it; it
+//! installs the seccomp filter the handler names ([`EventHandler::FILTER`])
+//! after the device's setup and before the loop serves the guest.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -16,6 +18,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::ActivateError;
+use crate::seccomp::ThreadKind;
 
 /// Epoll token of the kill eventfd; devices use any other token.
 pub const TOKEN_KILL: u64 = u64::MAX;
@@ -26,6 +29,8 @@ pub trait EventHandler {
     const NAME: &'static str;
     /// Most events one wait returns.
     const MAX_EVENTS: usize;
+    /// The seccomp filter the worker thread runs under.
+    const FILTER: ThreadKind;
 
     /// The epoll set the loop waits on. The handler registers its own file
     /// descriptors (with tokens other than [`TOKEN_KILL`]); the loop adds the
@@ -151,16 +156,26 @@ pub struct DeviceWorker {
 
 impl DeviceWorker {
     /// Starts thread `name` running `handler`'s event loop: the thread runs
-    /// `setup` first (a failure fails the start, and the loop never runs),
-    /// then the loop until [`DeviceWorker::stop`].
+    /// `setup` first, then (if `seccomp`) installs the handler's filter (a
+    /// failure of either fails the start, and the loop never runs), then
+    /// the loop until [`DeviceWorker::stop`].
     pub fn start<H: EventHandler + Send + 'static>(
         name: &str,
         handler: H,
         setup: impl FnOnce() -> io::Result<()> + Send + 'static,
+        seccomp: bool,
     ) -> Result<Self, ActivateError> {
+        let filter = seccomp.then(|| H::FILTER.filter()).transpose()?;
         let kill = EventFd::new(EFD_NONBLOCK).map_err(ActivateError::Worker)?;
         let worker_kill = kill.try_clone().map_err(ActivateError::Worker)?;
         let event_loop = EventLoop::new(handler, worker_kill).map_err(ActivateError::Worker)?;
+        let setup = move || {
+            setup().map_err(ActivateError::Worker)?;
+            if let Some(filter) = &filter {
+                filter.install()?;
+            }
+            Ok(())
+        };
         Self::spawn(name, kill, setup, move || event_loop.run())
     }
 
@@ -169,7 +184,7 @@ impl DeviceWorker {
     fn spawn(
         name: &str,
         kill: EventFd,
-        setup: impl FnOnce() -> io::Result<()> + Send + 'static,
+        setup: impl FnOnce() -> Result<(), ActivateError> + Send + 'static,
         run: impl FnOnce() + Send + 'static,
     ) -> Result<Self, ActivateError> {
         let (started_tx, started_rx) = std::sync::mpsc::sync_channel(1);
@@ -191,7 +206,7 @@ impl DeviceWorker {
             Ok(Ok(tid)) => tid,
             Ok(Err(e)) => {
                 let _ = thread.join();
-                return Err(ActivateError::Worker(e));
+                return Err(e);
             }
             Err(_) => {
                 let _ = thread.join();

@@ -104,8 +104,9 @@
 //! costs: the file server shares the shim's address space, descriptor table
 //! and credentials (hence `guard.rs` and the `CLONE_FS` unshare above), a
 //! panic in fuse-backend-rs would take the shim down (release builds abort;
-//! fuzzing found none), and it cannot have its own seccomp filter or mount
-//! namespace the way virtiofsd sandboxes itself.
+//! fuzzing found none), and it has no mount namespace of its own the way
+//! virtiofsd sandboxes itself; its thread does run under a seccomp filter
+//! of its own (`crate::seccomp`, the file syscalls passthrough makes).
 
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
@@ -386,7 +387,12 @@ impl VirtioDevice for Fs {
             Worker::new(ctx.mem, queues, ctx.interrupt, fs).map_err(ActivateError::Worker)?;
         // Serving without our own fs context would let the guest's FUSE_INIT
         // change the shim's umask: if unsharing fails, do not serve at all.
-        self.worker = Some(DeviceWorker::start("husk-fs", worker, unshare_fs_context)?);
+        self.worker = Some(DeviceWorker::start(
+            "husk-fs",
+            worker,
+            unshare_fs_context,
+            ctx.seccomp,
+        )?);
         debug!(tag = %self.tag, dir = %self.shared_dir.display(), "virtio-fs: activated");
         Ok(())
     }

@@ -127,6 +127,7 @@ impl Worker {
 impl EventHandler for Worker {
     const NAME: &'static str = "virtio-fs";
     const MAX_EVENTS: usize = 8;
+    const FILTER: crate::seccomp::ThreadKind = crate::seccomp::ThreadKind::Fs;
 
     fn epoll(&self) -> &Epoll {
         &self.epoll

@@ -14,6 +14,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::control::ControlHandle;
 use super::{
     ActivateContext, ActivateError, ActiveQueue, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1,
 };
@@ -101,6 +102,10 @@ pub enum MmioError {
     /// The device refused to start.
     #[error("device activation failed: {0}")]
     Activate(#[from] ActivateError),
+    /// The device's activation panicked on the control thread; the device
+    /// is gone.
+    #[error("device activation panicked; the device is gone")]
+    Lost,
 }
 
 /// One queue as the driver described it, before validation.
@@ -159,6 +164,37 @@ pub struct MmioTransport {
     driver_features: u64,
     queue_sel: u32,
     status: u32,
+    /// Where activations and guest resets run (None: on the caller).
+    control: Option<ControlHandle>,
+    /// Whether the device's worker confines itself ([`ActivateContext::seccomp`]).
+    seccomp: bool,
+}
+
+/// Stands in for a device while it is activated or reset on the control
+/// thread (the vCPU holds the transport's lock meanwhile, so nothing sees
+/// it), and for good if that panicked.
+struct Detached;
+
+impl VirtioDevice for Detached {
+    fn device_type(&self) -> u32 {
+        0
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[]
+    }
+    fn avail_features(&self) -> u64 {
+        0
+    }
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn is_active(&self) -> bool {
+        false
+    }
+    fn start(&mut self, _ctx: ActivateContext) -> Result<(), ActivateError> {
+        Err(ActivateError::AlreadyActive)
+    }
+    fn reset(&mut self) {}
 }
 
 impl MmioTransport {
@@ -189,7 +225,31 @@ impl MmioTransport {
             driver_features: 0,
             queue_sel: 0,
             status: 0,
+            control: None,
+            seccomp: true,
         })
+    }
+
+    /// Runs activations and guest resets on `control` (not on the vCPU
+    /// that asks for them); `seccomp` says whether the device's worker
+    /// installs its filter.
+    pub fn set_control(&mut self, control: ControlHandle, seccomp: bool) {
+        self.control = Some(control);
+        self.seccomp = seccomp;
+    }
+
+    /// Runs `f` on the device, on the control thread if there is one.
+    fn with_device<R: Send + 'static>(
+        &mut self,
+        f: impl FnOnce(&mut Box<dyn VirtioDevice>) -> R + Send + 'static,
+    ) -> Option<R> {
+        let Some(control) = &self.control else {
+            return Some(f(&mut self.device));
+        };
+        let device = std::mem::replace(&mut self.device, Box::new(Detached));
+        let (device, result) = control.run(device, f)?;
+        self.device = device;
+        Some(result)
     }
 
     /// One eventfd per queue (index = queue index). The device manager registers each with KVM
@@ -204,7 +264,9 @@ impl MmioTransport {
     }
 
     fn reset(&mut self) {
-        self.device.reset();
+        if self.with_device(|d| d.reset()).is_none() {
+            warn!("virtio-mmio: device reset panicked; the device is gone");
+        }
         for q in &mut self.queues {
             *q = QueueConfig::new(q.max_size);
         }
@@ -452,12 +514,15 @@ impl MmioTransport {
             queues = queues.len(),
             "virtio-mmio: activating device"
         );
-        self.device.activate(ActivateContext {
+        let ctx = ActivateContext {
             mem: self.mem.clone(),
             acked_features: self.driver_features,
             queues,
             interrupt: self.interrupt.clone(),
-        })?;
+            seccomp: self.seccomp,
+        };
+        self.with_device(move |d| d.activate(ctx))
+            .ok_or(MmioError::Lost)??;
         Ok(())
     }
 }

@@ -195,7 +195,12 @@ impl VirtioDevice for Net {
             self.stats.clone(),
         )
         .map_err(ActivateError::Worker)?;
-        self.worker = Some(DeviceWorker::start("husk-net", worker, || Ok(()))?);
+        self.worker = Some(DeviceWorker::start(
+            "husk-net",
+            worker,
+            || Ok(()),
+            ctx.seccomp,
+        )?);
         debug!(tap = self.tap.name(), ?features, "virtio-net: activated");
         Ok(())
     }

@@ -486,6 +486,7 @@ impl Worker {
 impl EventHandler for Worker {
     const NAME: &'static str = "virtio-net";
     const MAX_EVENTS: usize = 8;
+    const FILTER: crate::seccomp::ThreadKind = crate::seccomp::ThreadKind::Net;
 
     fn epoll(&self) -> &Epoll {
         &self.epoll

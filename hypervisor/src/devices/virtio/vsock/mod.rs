@@ -152,7 +152,12 @@ impl VirtioDevice for Vsock {
             .map_err(ActivateError::Worker)?;
         let worker =
             Worker::new(ctx.mem, queues, ctx.interrupt, muxer).map_err(ActivateError::Worker)?;
-        self.worker = Some(DeviceWorker::start("husk-vsock", worker, || Ok(()))?);
+        self.worker = Some(DeviceWorker::start(
+            "husk-vsock",
+            worker,
+            || Ok(()),
+            ctx.seccomp,
+        )?);
         debug!(guest_cid = self.guest_cid, "vsock: activated");
         Ok(())
     }

@@ -175,6 +175,7 @@ impl Worker {
 impl EventHandler for Worker {
     const NAME: &'static str = "vsock";
     const MAX_EVENTS: usize = 64;
+    const FILTER: crate::seccomp::ThreadKind = crate::seccomp::ThreadKind::Vsock;
 
     fn epoll(&self) -> &Epoll {
         self.muxer.epoll()
