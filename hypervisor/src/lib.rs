@@ -9,6 +9,7 @@ pub mod activity;
 pub mod boot;
 pub mod bus;
 pub mod calibrate;
+pub mod confine;
 pub mod cpuid;
 pub mod device_manager;
 pub mod devices;

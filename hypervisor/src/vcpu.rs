@@ -150,6 +150,12 @@ impl Vcpu {
     }
 
     fn run(mut self) {
+        // A vCPU needs no capability: it runs the guest on fds it has.
+        if let Err(e) = crate::confine::keep_only_capabilities(&[]) {
+            self.exit
+                .request(ExitReason::Crashed(format!("vCPU {}: {e}", self.id)));
+            return;
+        }
         if let Some(filter) = &self.seccomp {
             if let Err(e) = filter.install() {
                 self.exit

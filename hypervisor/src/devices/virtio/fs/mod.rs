@@ -387,10 +387,15 @@ impl VirtioDevice for Fs {
             Worker::new(ctx.mem, queues, ctx.interrupt, fs).map_err(ActivateError::Worker)?;
         // Serving without our own fs context would let the guest's FUSE_INIT
         // change the shim's umask: if unsharing fails, do not serve at all.
+        let share = self.shared_dir.clone();
+        let setup = move || {
+            unshare_fs_context()?;
+            crate::confine::confine_fs_worker(&share)
+        };
         self.worker = Some(DeviceWorker::start(
             "husk-fs",
             worker,
-            unshare_fs_context,
+            setup,
             ctx.seccomp,
         )?);
         debug!(tag = %self.tag, dir = %self.shared_dir.display(), "virtio-fs: activated");

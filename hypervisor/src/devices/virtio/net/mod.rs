@@ -198,7 +198,7 @@ impl VirtioDevice for Net {
         self.worker = Some(DeviceWorker::start(
             "husk-net",
             worker,
-            || Ok(()),
+            crate::confine::confine_device_worker,
             ctx.seccomp,
         )?);
         debug!(tap = self.tap.name(), ?features, "virtio-net: activated");

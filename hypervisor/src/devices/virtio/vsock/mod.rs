@@ -155,7 +155,7 @@ impl VirtioDevice for Vsock {
         self.worker = Some(DeviceWorker::start(
             "husk-vsock",
             worker,
-            || Ok(()),
+            crate::confine::confine_device_worker,
             ctx.seccomp,
         )?);
         debug!(guest_cid = self.guest_cid, "vsock: activated");
