@@ -226,6 +226,19 @@ impl ThreadFilter {
 
 type Rules = BTreeMap<i64, Vec<SeccompRule>>;
 
+/// What the guest log receiver's thread runs before serving (husk-vsock's
+/// `GuestLogReceiver::bind_confined`): installs [`ThreadKind::GuestLog`]
+/// if `enabled`. The filter is compiled here, on the caller.
+pub fn guest_log_confinement(
+    enabled: bool,
+) -> Result<impl FnOnce() -> std::io::Result<()> + Send + 'static, SeccompError> {
+    let filter = enabled.then(|| ThreadKind::GuestLog.filter()).transpose()?;
+    Ok(move || match filter {
+        Some(filter) => filter.install().map_err(std::io::Error::other),
+        None => Ok(()),
+    })
+}
+
 /// Installs `program` (named `filter` in errors) on the calling thread.
 fn install_program(filter: &'static str, program: &BpfProgram) -> Result<(), SeccompError> {
     seccompiler::apply_filter(program).map_err(|source| SeccompError::Install { filter, source })

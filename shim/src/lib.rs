@@ -23,6 +23,7 @@ pub mod options;
 pub mod process;
 pub mod rootfs;
 pub mod sandbox;
+pub mod seccomp;
 pub mod service;
 pub mod shim;
 pub mod spec;

@@ -15,6 +15,7 @@ fn raise_fd_limit() {
 
 fn main() {
     raise_fd_limit();
+    husk_shim::seccomp::confine_process();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("husk-shim")

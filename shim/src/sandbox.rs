@@ -17,7 +17,9 @@ use async_trait::async_trait;
 use husk_config::Config;
 use husk_hypervisor::cpuid::CpuidPolicy;
 use husk_hypervisor::vm::{NetConfig, SharedFsConfig};
-use husk_hypervisor::{ConsoleOutput, HostProfile, HostProfileSetting, Vm, VmConfig, VsockConfig};
+use husk_hypervisor::{
+    ConsoleOutput, HostProfile, HostProfileSetting, Vm, VmConfig, VmError, VsockConfig,
+};
 use husk_protocol::agent::{CreateSandboxRequest, Storage};
 
 use crate::agent::{Agent, TtrpcAgent};
@@ -162,6 +164,7 @@ fn vm_config(
     let hv = &config.hypervisor;
     let mut vm = VmConfig::new(&hv.kernel);
     vm.initrd = Some(hv.initrd.clone());
+    vm.seccomp = hv.seccomp;
     (vm.vcpus, vm.memory_mib) = vm_size(config, pod);
     vm.net = net
         .map(|n| {
@@ -347,9 +350,13 @@ impl Sandbox {
             let _ = std::fs::remove_file(stale);
         }
         let activity = vm_config.activity.clone();
-        let guest_log = husk_vsock::GuestLogReceiver::bind_with_sink(&vsock_uds, move |line| {
-            activity.note_line("agent", &line.message)
-        })
+        let confine = husk_hypervisor::seccomp::guest_log_confinement(vm_config.seccomp)
+            .map_err(VmError::from)?;
+        let guest_log = husk_vsock::GuestLogReceiver::bind_confined(
+            &vsock_uds,
+            move |line| activity.note_line("agent", &line.message),
+            confine,
+        )
         .map_err(io_err(&vsock_uds))?;
 
         let vm = tokio::task::spawn_blocking(move || Vm::start(&vm_config))

@@ -68,6 +68,10 @@ struct Args {
     /// Write a JSON report of the VMM's own costs here on exit.
     #[arg(long)]
     report: Option<PathBuf>,
+    /// Run without seccomp filters (husk.toml's `[hypervisor] seccomp =
+    /// false`): to debug a filter, never to measure.
+    #[arg(long)]
+    no_seccomp: bool,
 }
 
 /// The VMM's console for a `--console` value (the same words as
@@ -128,7 +132,12 @@ fn run(args: &Args, process_start: Instant) -> Result<ExitReason, String> {
     // Block SIGINT/SIGTERM before any thread exists, so every thread
     // inherits the mask and only the watcher thread receives them.
     let signals = block_stop_signals()?;
+    if !args.no_seccomp {
+        // Before any thread exists, so every thread inherits it.
+        husk_hypervisor::seccomp::install_process_deny_list().map_err(|e| e.to_string())?;
+    }
     let mut config = VmConfig::new(&args.kernel);
+    config.seccomp = !args.no_seccomp;
     config.initrd = args.initrd.clone();
     config.vcpus = args.vcpus;
     config.memory_mib = args.memory;
@@ -146,12 +155,18 @@ fn run(args: &Args, process_start: Instant) -> Result<ExitReason, String> {
     // The agent connects out to the host's log port as soon as it starts:
     // listen before the guest boots.
     let _guest_log = match &args.vsock_uds {
-        Some(uds) => Some(husk_vsock::GuestLogReceiver::bind(uds).map_err(|e| {
-            format!(
-                "cannot listen for guest logs next to {}: {e}",
-                uds.display()
+        Some(uds) => {
+            let confine = husk_hypervisor::seccomp::guest_log_confinement(config.seccomp)
+                .map_err(|e| e.to_string())?;
+            Some(
+                husk_vsock::GuestLogReceiver::bind_confined(uds, |_| {}, confine).map_err(|e| {
+                    format!(
+                        "cannot listen for guest logs next to {}: {e}",
+                        uds.display()
+                    )
+                })?,
             )
-        })?),
+        }
         None => None,
     };
 

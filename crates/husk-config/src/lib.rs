@@ -162,6 +162,10 @@ pub struct HypervisorConfig {
     pub console: Console,
     /// The guest kernel's console log level (`loglevel=`); 4 is `quiet`.
     pub guest_loglevel: u8,
+    /// Each VMM thread (vCPUs, device workers, guest log) runs under its
+    /// own seccomp filter, and the shim under a deny list. Off only to
+    /// debug a filter.
+    pub seccomp: bool,
 }
 
 impl Default for HypervisorConfig {
@@ -176,6 +180,7 @@ impl Default for HypervisorConfig {
             kernel_args: String::new(),
             console: Console::Log,
             guest_loglevel: DEFAULT_GUEST_LOGLEVEL,
+            seccomp: true,
         }
     }
 }
@@ -616,6 +621,18 @@ mod tests {
             let e = Config::parse(bad, path).unwrap_err().to_string();
             assert!(e.contains(field), "{bad:?}: {e}");
         }
+    }
+
+    #[test]
+    fn seccomp_is_on_unless_turned_off() {
+        let path = Path::new("/etc/husk/husk.toml");
+        assert!(Config::parse("", path).unwrap().hypervisor.seccomp);
+        let off = Config::parse("[hypervisor]\nseccomp = false\n", path).unwrap();
+        assert!(!off.hypervisor.seccomp);
+        let e = Config::parse("[hypervisor]\nseccomp = \"no\"\n", path)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("seccomp"), "{e}");
     }
 
     #[test]

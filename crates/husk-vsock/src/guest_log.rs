@@ -62,6 +62,17 @@ impl GuestLogReceiver {
         uds: &Path,
         sink: impl FnMut(&GuestLogLine) + Send + 'static,
     ) -> io::Result<Self> {
+        Self::bind_confined(uds, sink, || Ok(()))
+    }
+
+    /// Like [`bind_with_sink`](Self::bind_with_sink); the receiver's thread
+    /// first runs `confine` (the VMM's seccomp filter for it) and serves
+    /// nothing, logging why, if that fails.
+    pub fn bind_confined(
+        uds: &Path,
+        sink: impl FnMut(&GuestLogLine) + Send + 'static,
+        confine: impl FnOnce() -> io::Result<()> + Send + 'static,
+    ) -> io::Result<Self> {
         let path = host_port_path(uds, LOG_VSOCK_PORT);
         let listener = bind_replacing_stale(&path)?;
         listener.set_nonblocking(true)?;
@@ -74,6 +85,10 @@ impl GuestLogReceiver {
             .spawn(move || {
                 tracing::dispatcher::with_default(&dispatch, || {
                     let _entered = span.enter();
+                    if let Err(e) = confine() {
+                        tracing::error!("guest log receiver not serving: {e}");
+                        return;
+                    }
                     serve(&listener, &stop_rx, sink);
                 })
             });

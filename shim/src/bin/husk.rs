@@ -161,6 +161,17 @@ fn check(boot: bool) -> ExitCode {
             None
         }
     };
+    let seccomp_on = config.as_ref().is_none_or(|c| c.hypervisor.seccomp);
+    let seccomp = husk_hypervisor::seccomp::available();
+    report.line(
+        seccomp.is_ok() || !seccomp_on,
+        "seccomp",
+        format!(
+            "{} on this kernel; filters {} by the config",
+            seccomp.map_or_else(|e| format!("not available ({e})"), |()| "available".into()),
+            if seccomp_on { "enabled" } else { "disabled" }
+        ),
+    );
     match on_path("containerd-shim-husk-v2") {
         Some(p) => report.line(true, "shim on PATH", p.display()),
         None => report.line(
@@ -215,6 +226,7 @@ fn boot_guest(
     vm_config.initrd = Some(config.hypervisor.initrd.clone());
     vm_config.vcpus = config.hypervisor.vcpus;
     vm_config.memory_mib = config.hypervisor.memory_mib;
+    vm_config.seccomp = config.hypervisor.seccomp;
     vm_config.host_profile = HostProfileSetting::Force(profile);
     vm_config.vsock = Some(VsockConfig {
         guest_cid: 3,
