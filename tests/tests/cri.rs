@@ -88,8 +88,9 @@ fn host_boot_id() -> String {
 /// Two pods on one bridge, as kubelet drives them: `lifecycle` (default
 /// size) holds every per-container check and serves TCP to `client`, which
 /// declares pod-level resources (for husk they size its VM). Then both are
-/// removed and nothing may be left. Two pods, so two VMs for husk: checks
-/// that need no VM of their own share these.
+/// removed and nothing may be left. For husk a third pod's shim is killed
+/// while its two containers run. Three VMs for husk: checks that need no
+/// VM of their own share these.
 fn pods(handler: &str) {
     let mut clock = Clock::new(handler);
     let cri = Cri::start();
@@ -115,9 +116,10 @@ fn pods(handler: &str) {
 
     pod_lifecycle(&cri, &pod, handler, &mut clock);
     two_pods(&cri, &pod, &client_pod, handler, &mut clock);
-    if handler == HUSK_HANDLER {
+    let killed = (handler == HUSK_HANDLER).then(|| {
         contained(&cri, &client_pod, &pod_cgroup, &mut clock);
-    }
+        killed_shim(&cri, handler, &mut clock)
+    });
 
     for pod in [&pod, &client_pod] {
         cri.stop_pod(pod);
@@ -126,14 +128,16 @@ fn pods(handler: &str) {
         cri.remove_pod(pod);
     }
     clock.mark("pods removed");
-    cri.assert_clean(&[&pod, &client_pod], op_timeout());
+    let mut pods = vec![&pod, &client_pod];
+    pods.extend(killed.as_ref());
+    cri.assert_clean(&pods, op_timeout());
     assert_eq!(
         pod_cgroup.children(),
         Vec::<String>::new(),
         "the sandbox's cgroup below the pod cgroup is left"
     );
-    // Two pods made and removed (one ended by a guest panic): nothing of
-    // the host's grew. (`make soak` churns many.)
+    // The pods made and removed (one ended by a guest panic, one by its
+    // shim's death): nothing of the host's grew. (`make soak` churns many.)
     let after = cri.host_snapshot();
     assert_eq!(
         after.growth_since(&before, FD_SLACK),
@@ -182,6 +186,34 @@ fn soak_pods() {
         last <= first + first / 5 + 2048,
         "an idle pod's shim grew from {first} KiB (first pod) to {last} KiB (pod {n})"
     );
+}
+
+/// A pod with two running containers whose shim dies (SIGKILL, as the OOM
+/// killer would): containerd runs `shim delete`, CRI reports both
+/// containers exited, and removing them and the pod leaves nothing (the
+/// caller checks).
+fn killed_shim(cri: &Cri, handler: &str, clock: &mut Clock) -> Pod {
+    let pod = cri.run_pod(&cri.pod_config("killed"), handler);
+    clock.mark("RunPodSandbox (the pod whose shim is killed)");
+    let ids: Vec<String> = ["a", "b"]
+        .iter()
+        .map(|name| cri.run_container(&pod, &cri.container_config(name, &["sleep", "2147483647"])))
+        .collect();
+    let shim = husk_tests::containerd::shim_pid("containerd-shim-husk-v2", &pod.id)
+        .expect("the pod's shim");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(shim).expect("pid fits pid_t")),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    for id in &ids {
+        cri.wait_exited(id, op_timeout());
+        cri.remove_container(id);
+    }
+    cri.stop_pod(&pod);
+    cri.remove_pod(&pod);
+    clock.mark("a two-container pod whose shim was killed, removed");
+    pod
 }
 
 /// The host's side of the isolation, in the privileged client pod: the VM
