@@ -120,7 +120,10 @@ mod tests {
     fn a_panic_line_outlives_the_tail() {
         let a = GuestActivity::default();
         assert_eq!(a.panic_line(), None);
-        a.note_line("console", "[ 1.0] Kernel panic - not syncing: sysrq triggered crash");
+        a.note_line(
+            "console",
+            "[ 1.0] Kernel panic - not syncing: sysrq triggered crash",
+        );
         for i in 0..2 * TAIL_LINES {
             a.note_line("console", &format!(" trace line {i}"));
         }

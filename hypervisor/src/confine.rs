@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 
 use caps::{CapSet, Capability, CapsHashSet};
 use landlock::{
-    Access, AccessFs, PathBeneath, PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr,
-    RulesetStatus, ABI,
+    Access, AccessFs, PathBeneath, PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus,
+    ABI,
 };
 
 /// Errors confining a thread.
@@ -88,10 +88,8 @@ pub fn keep_only_capabilities(keep: &[Capability]) -> Result<(), ConfineError> {
     let keep: CapsHashSet = keep.iter().copied().collect();
     // Effective first: it must stay a subset of permitted.
     for set in [CapSet::Effective, CapSet::Inheritable, CapSet::Permitted] {
-        let current = caps::read(None, set).map_err(|source| ConfineError::Capabilities {
-            set,
-            source,
-        })?;
+        let current =
+            caps::read(None, set).map_err(|source| ConfineError::Capabilities { set, source })?;
         let wanted: CapsHashSet = current.intersection(&keep).copied().collect();
         caps::set(None, set, &wanted)
             .map_err(|source| ConfineError::Capabilities { set, source })?;

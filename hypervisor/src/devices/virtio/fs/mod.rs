@@ -392,12 +392,7 @@ impl VirtioDevice for Fs {
             unshare_fs_context()?;
             crate::confine::confine_fs_worker(&share)
         };
-        self.worker = Some(DeviceWorker::start(
-            "husk-fs",
-            worker,
-            setup,
-            ctx.seccomp,
-        )?);
+        self.worker = Some(DeviceWorker::start("husk-fs", worker, setup, ctx.seccomp)?);
         debug!(tag = %self.tag, dir = %self.shared_dir.display(), "virtio-fs: activated");
         Ok(())
     }
