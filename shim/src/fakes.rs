@@ -501,6 +501,11 @@ impl RecordingPublisher {
         lock(&self.0).clone()
     }
 
+    /// How many events of `topic` were published.
+    pub fn count(&self, topic: &str) -> usize {
+        self.topics().iter().filter(|t| *t == topic).count()
+    }
+
     /// The published events' topics, in order.
     pub fn topics(&self) -> Vec<String> {
         self.events()

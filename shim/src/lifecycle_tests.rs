@@ -352,12 +352,7 @@ async fn concurrent_execs_each_run_and_exit_once() {
     for (i, id) in ids.iter().enumerate() {
         assert_eq!(rig.wait("c1", id).await, u32::try_from(i).unwrap());
     }
-    let exits = rig
-        .events
-        .topics()
-        .iter()
-        .filter(|t| *t == "/tasks/exit")
-        .count();
+    let exits = rig.events.count("/tasks/exit");
     assert_eq!(exits, ids.len());
 }
 
@@ -395,12 +390,7 @@ async fn sigkill_to_a_guest_that_ignores_it_stops_the_vm_and_reports_137() {
     assert_eq!(rig.wait("c1", "").await, 137);
     assert_eq!(rig.wait("c1", "e1").await, 137);
     assert!(!rig.guest.is_running(), "the VM is the kill boundary");
-    let exits = rig
-        .events
-        .topics()
-        .iter()
-        .filter(|t| *t == "/tasks/exit")
-        .count();
+    let exits = rig.events.count("/tasks/exit");
     assert_eq!(exits, 2, "one exit each");
 }
 
