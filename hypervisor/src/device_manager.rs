@@ -10,7 +10,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::acpi::MmioDeviceAcpi;
 use crate::bus::{lock, Bus, BusError};
-use crate::devices::virtio::control::ControlHandle;
+use crate::devices::virtio::control::ControlThread;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::layout::*;
@@ -54,14 +54,15 @@ pub enum DeviceManagerError {
 pub struct DeviceManager {
     transports: Vec<Arc<Mutex<MmioTransport>>>,
     acpi: Vec<MmioDeviceAcpi>,
-    control: ControlHandle,
+    // After the transports: they are dropped first, then the thread joined.
+    control: ControlThread,
     seccomp: bool,
 }
 
 impl DeviceManager {
     /// Devices whose activations and resets run on `control`, and whose
     /// workers install their seccomp filters if `seccomp`.
-    pub fn new(control: ControlHandle, seccomp: bool) -> Self {
+    pub fn new(control: ControlThread, seccomp: bool) -> Self {
         Self {
             transports: Vec::new(),
             acpi: Vec::new(),
@@ -113,7 +114,7 @@ impl DeviceManager {
                     source,
                 }
             })?;
-        transport.set_control(self.control.clone(), self.seccomp);
+        transport.set_control(self.control.handle(), self.seccomp);
         for (queue, evt) in (0u32..).zip(transport.queue_events()) {
             vm.register_ioevent(
                 evt,

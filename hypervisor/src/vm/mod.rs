@@ -20,7 +20,7 @@ use crate::cpuid;
 use crate::device_manager::DeviceManager;
 use crate::devices::legacy::power::{AcpiPowerPorts, I8042};
 use crate::devices::legacy::serial::{ConsoleSink, SerialDevice};
-use crate::devices::virtio::control::ControlHandle;
+use crate::devices::virtio::control::ControlThread;
 use crate::devices::virtio::fs::{Fs, FsOptions};
 use crate::devices::virtio::net::{open_tap, Net};
 use crate::devices::virtio::vsock::Vsock;
@@ -196,7 +196,7 @@ impl Vm {
         // Activations run on the control thread, started here (before any
         // vCPU, from a thread without a VMM filter) so the device workers
         // it starts inherit no vCPU filter.
-        let control = ControlHandle::start().map_err(io_err("spawn the device control thread"))?;
+        let control = ControlThread::start().map_err(io_err("spawn the device control thread"))?;
         let mut devices = DeviceManager::new(control, config.seccomp);
         if let Some(vsock) = &config.vsock {
             let device = Vsock::new(vsock.guest_cid, vsock.uds_path.clone()).map_err(|source| {

@@ -14,30 +14,67 @@
 
 use std::io;
 use std::sync::mpsc;
+use std::thread::JoinHandle;
 
 type Job = Box<dyn FnOnce() + Send>;
 
-/// Sends jobs to the control thread. The thread ends once every handle is
-/// dropped (with the VM's transports).
-#[derive(Clone, Debug)]
-pub struct ControlHandle(mpsc::Sender<Job>);
+enum Message {
+    Run(Job),
+    Stop,
+}
 
-impl ControlHandle {
+/// The control thread; dropping it stops and joins the thread (a handle
+/// used afterwards runs its jobs on the caller).
+#[derive(Debug)]
+pub struct ControlThread {
+    handle: ControlHandle,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ControlThread {
     /// Starts the control thread (`husk-control`). Call it from a thread
     /// without a VMM filter: the thread, and every worker it starts,
     /// inherits the caller's filter.
     pub fn start() -> io::Result<Self> {
-        let (tx, rx) = mpsc::channel::<Job>();
-        std::thread::Builder::new()
+        let (tx, rx) = mpsc::channel::<Message>();
+        let thread = std::thread::Builder::new()
             .name("husk-control".into())
             .spawn(move || {
-                for job in rx {
-                    job();
+                for message in rx {
+                    match message {
+                        Message::Run(job) => job(),
+                        Message::Stop => return,
+                    }
                 }
             })?;
-        Ok(Self(tx))
+        Ok(Self {
+            handle: ControlHandle(tx),
+            thread: Some(thread),
+        })
     }
 
+    /// Where the VM's transports send their activations and resets.
+    pub fn handle(&self) -> ControlHandle {
+        self.handle.clone()
+    }
+}
+
+impl Drop for ControlThread {
+    fn drop(&mut self) {
+        let _ = self.handle.0.send(Message::Stop);
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                tracing::error!("the device control thread panicked");
+            }
+        }
+    }
+}
+
+/// Sends jobs to the control thread.
+#[derive(Clone, Debug)]
+pub struct ControlHandle(mpsc::Sender<Message>);
+
+impl ControlHandle {
     /// Runs `f` on `value` on the control thread, waits, and gives both
     /// back. If the thread is gone the job runs on the caller. `None` only
     /// if `f` panicked (the value is lost with it).
@@ -56,7 +93,7 @@ impl ControlHandle {
             let result = f(&mut value);
             let _ = done_tx.send((value, result));
         });
-        if let Err(mpsc::SendError(job)) = self.0.send(job) {
+        if let Err(mpsc::SendError(Message::Run(job))) = self.0.send(Message::Run(job)) {
             job();
         }
         done_rx.recv().ok()
@@ -69,8 +106,9 @@ mod tests {
 
     #[test]
     fn jobs_run_on_the_control_thread_and_give_their_value_back() {
-        let control = ControlHandle::start().unwrap();
-        let (value, name) = control
+        let control = ControlThread::start().unwrap();
+        let handle = control.handle();
+        let (value, name) = handle
             .run(41, |v| {
                 *v += 1;
                 std::thread::current().name().map(str::to_owned)
@@ -78,5 +116,11 @@ mod tests {
             .unwrap();
         assert_eq!(value, 42);
         assert_eq!(name.as_deref(), Some("husk-control"));
+        // Once the thread is gone, jobs run on the caller.
+        drop(control);
+        let (_, name) = handle
+            .run((), |()| std::thread::current().name().map(str::to_owned))
+            .unwrap();
+        assert_ne!(name.as_deref(), Some("husk-control"));
     }
 }
