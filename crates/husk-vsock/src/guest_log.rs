@@ -269,6 +269,11 @@ impl LineSplitter {
     }
 
     fn flush(&mut self, complete: bool, out: &mut impl FnMut(GuestLogLine)) {
+        // A line that ended exactly where it was split (MAX_LINE_LEN bytes,
+        // then its newline) was emitted whole: nothing follows it.
+        if complete && self.buf.is_empty() && self.continued.take().is_some() {
+            return;
+        }
         // A split must not cut a UTF-8 sequence in two: carry its head over.
         let cut = if complete {
             self.buf.len()
@@ -617,6 +622,36 @@ mod tests {
                 "husk_agent::init".to_owned()
             )]
         );
+    }
+
+    #[test]
+    fn a_line_of_exactly_max_line_len_is_one_event() {
+        // Found by the guest_log fuzz harness's invariants (its seed
+        // fuzz/corpus/guest_log/husk-vsock-5):
+        // the newline right after a full buffer made a second, empty event.
+        let mut wire = b"INFO t: ".to_vec();
+        wire.resize(MAX_LINE_LEN, b'y');
+        wire.extend_from_slice(b"\nWARN t: next\n");
+        let mut got = Vec::new();
+        let mut splitter = LineSplitter::default();
+        splitter.push(&wire, &mut |l| got.push(l));
+        splitter.finish(&mut |l| got.push(l));
+        assert_eq!(
+            got.len(),
+            2,
+            "{:?}",
+            got.iter().map(|l| &l.message).collect::<Vec<_>>()
+        );
+        assert_eq!(got[0].message.len(), MAX_LINE_LEN - 8);
+        assert_eq!(got[1], line(Level::WARN, "t", "next"));
+        // One byte more is two pieces, as before.
+        let mut longer = b"INFO t: ".to_vec();
+        longer.resize(MAX_LINE_LEN + 1, b'y');
+        longer.push(b'\n');
+        let mut pieces = Vec::new();
+        splitter.push(&longer, &mut |l| pieces.push(l));
+        assert_eq!(pieces.len(), 2);
+        assert_eq!(pieces[1].message, "y");
     }
 
     #[test]
