@@ -10,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Longest reply accepted: `OK 4294967295\n` is 14 bytes; anything much
 /// longer is not a hybrid-vsock VMM talking.
-const MAX_REPLY_LEN: usize = 32;
+pub(crate) const MAX_REPLY_LEN: usize = 32;
 const BACKOFF_START: Duration = Duration::from_millis(10);
 const BACKOFF_MAX: Duration = Duration::from_millis(500);
 
@@ -106,13 +106,13 @@ fn timeout_error(uds: &Path, port: u32, timeout: Duration, last: String) -> Erro
 }
 
 /// Why one attempt failed.
-enum Failure {
+pub(crate) enum Failure {
     /// Transient (VMM not up yet, guest not listening yet): try again.
     Retry(String),
     Fatal(FatalKind),
 }
 
-enum FatalKind {
+pub(crate) enum FatalKind {
     BadReply(String),
     Io(io::Error),
 }
@@ -140,18 +140,18 @@ fn connect_failure(e: io::Error) -> Failure {
 /// Accumulates the reply line byte by byte: reading more than the line
 /// would swallow the first bytes of the guest's stream.
 #[derive(Default)]
-struct Reply {
+pub(crate) struct Reply {
     buf: Vec<u8>,
 }
 
-enum Step {
+pub(crate) enum Step {
     More,
     Done(Result<(), Failure>),
 }
 
 impl Reply {
     /// Feeds the result of a one-byte read (`None` = EOF).
-    fn feed(&mut self, byte: Option<u8>) -> Step {
+    pub(crate) fn feed(&mut self, byte: Option<u8>) -> Step {
         let Some(byte) = byte else {
             let why = if self.buf.is_empty() {
                 "VMM closed the stream without a reply (guest port not listening yet?)".to_string()

@@ -35,7 +35,7 @@ pub struct GuestLogLine {
     pub message: String,
 }
 
-type Sink = Box<dyn FnMut(&GuestLogLine) + Send>;
+pub(crate) type Sink = Box<dyn FnMut(&GuestLogLine) + Send>;
 
 /// Serves `<uds>_1025` on a background thread while alive; dropping it stops
 /// the thread and removes the socket.
@@ -191,7 +191,7 @@ fn serve(listener: &UnixListener, stop: &UnixStream, mut sink: Sink) {
 }
 
 /// Reads `conn` to its end; true if asked to stop meanwhile.
-fn read_lines(mut conn: &UnixStream, stop: &UnixStream, sink: &mut Sink) -> bool {
+pub(crate) fn read_lines(mut conn: &UnixStream, stop: &UnixStream, sink: &mut Sink) -> bool {
     if conn.set_nonblocking(true).is_err() {
         return false;
     }
@@ -217,7 +217,7 @@ fn read_lines(mut conn: &UnixStream, stop: &UnixStream, sink: &mut Sink) -> bool
     false
 }
 
-fn emit(line: GuestLogLine, sink: &mut Sink) {
+pub(crate) fn emit(line: GuestLogLine, sink: &mut Sink) {
     macro_rules! event {
         ($level:expr) => {
             tracing::event!(target: "husk::guest", $level, guest_target = %line.target, "{}", line.message)
@@ -235,14 +235,14 @@ fn emit(line: GuestLogLine, sink: &mut Sink) {
 
 /// Cuts the byte stream into lines of at most [`MAX_LINE_LEN`] bytes.
 #[derive(Default)]
-struct LineSplitter {
-    buf: Vec<u8>,
+pub(crate) struct LineSplitter {
+    pub(crate) buf: Vec<u8>,
     /// Level and target of a line whose first piece was already emitted.
     continued: Option<(Level, String)>,
 }
 
 impl LineSplitter {
-    fn push(&mut self, mut data: &[u8], out: &mut impl FnMut(GuestLogLine)) {
+    pub(crate) fn push(&mut self, mut data: &[u8], out: &mut impl FnMut(GuestLogLine)) {
         while !data.is_empty() {
             let room = MAX_LINE_LEN - self.buf.len();
             let window = &data[..data.len().min(room)];
@@ -261,7 +261,7 @@ impl LineSplitter {
     }
 
     /// Emits what is left at end of stream (a line cut off mid-way).
-    fn finish(&mut self, out: &mut impl FnMut(GuestLogLine)) {
+    pub(crate) fn finish(&mut self, out: &mut impl FnMut(GuestLogLine)) {
         if !self.buf.is_empty() {
             self.flush(true, out);
         }
@@ -325,7 +325,7 @@ fn utf8_cut(buf: &[u8]) -> usize {
 }
 
 /// Control characters (ESC, CR, LF, ...) shown escaped, tab kept.
-fn sanitize(text: &str) -> String {
+pub(crate) fn sanitize(text: &str) -> String {
     if !text.chars().any(|c| c.is_control() && c != '\t') {
         return text.to_owned();
     }

@@ -14,6 +14,9 @@
 mod boot_wait;
 mod client;
 mod connect;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 mod guest_log;
 mod stdio;
 
