@@ -36,7 +36,7 @@ impl Trigger for IrqfdTrigger {
 
 /// Longest line kept before it is emitted anyway: the guest decides what it
 /// prints, so the buffer must not grow with it.
-const MAX_LINE: usize = 4096;
+pub const MAX_LINE: usize = 4096;
 
 /// Line-buffers console bytes. vm-superio flushes after every byte; writing
 /// per line keeps host syscalls (and log records) per line instead. Every
@@ -59,7 +59,8 @@ pub const CONSOLE_BURST: f64 = 500.0;
 
 enum SinkTarget {
     Discard,
-    File(File),
+    /// A console file, or (fuzzing, tests) any writer.
+    File(Box<dyn Write + Send>),
     Log,
 }
 
@@ -67,17 +68,28 @@ impl ConsoleSink {
     pub fn open(output: &ConsoleOutput, activity: Arc<GuestActivity>) -> io::Result<Self> {
         let target = match output {
             ConsoleOutput::Discard => SinkTarget::Discard,
-            ConsoleOutput::File(path) => {
-                SinkTarget::File(File::options().create(true).append(true).open(path)?)
-            }
+            ConsoleOutput::File(path) => SinkTarget::File(Box::new(
+                File::options().create(true).append(true).open(path)?,
+            )),
             ConsoleOutput::Log => SinkTarget::Log,
         };
-        Ok(Self {
+        Ok(Self::with_target(target, activity))
+    }
+
+    /// A sink writing what a console file would get into `out` (the fuzz
+    /// harness reads it back).
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub fn to_writer(out: Box<dyn Write + Send>, activity: Arc<GuestActivity>) -> Self {
+        Self::with_target(SinkTarget::File(out), activity)
+    }
+
+    fn with_target(target: SinkTarget, activity: Arc<GuestActivity>) -> Self {
+        Self {
             target,
             line: Vec::new(),
             activity,
             budget: TokenBucket::new(CONSOLE_LINES_PER_SEC, CONSOLE_BURST),
-        })
+        }
     }
 
     fn emit_line(&mut self) {

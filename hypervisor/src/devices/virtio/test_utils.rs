@@ -110,6 +110,57 @@ pub fn fuzz_input(prefix: &[u8], image: &[u8]) -> Vec<u8> {
     input
 }
 
+/// The smoke run of a fuzz target in `cargo test`: `run` over the
+/// harness's own `seeds` (also written to `$HUSK_FUZZ_SEED_DIR/<target>/`
+/// when that is set, see fuzz/README.md), over every file of the repository's
+/// `fuzz/corpus/<target>/`, and over `random` inputs of up to `max_len`
+/// bytes from a fixed-seed generator.
+#[cfg(test)]
+pub fn run_corpus(
+    target: &str,
+    seeds: &[Vec<u8>],
+    random: usize,
+    max_len: usize,
+    mut run: impl FnMut(&[u8]),
+) {
+    if let Some(dir) = std::env::var_os("HUSK_FUZZ_SEED_DIR") {
+        let dir = std::path::Path::new(&dir).join(target);
+        std::fs::create_dir_all(&dir).unwrap();
+        for (i, seed) in seeds.iter().enumerate() {
+            std::fs::write(dir.join(format!("seed-{i}")), seed).unwrap();
+        }
+    }
+    for seed in seeds {
+        run(seed);
+    }
+    let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../fuzz/corpus")
+        .join(target);
+    let mut files: Vec<_> = std::fs::read_dir(&corpus)
+        .unwrap_or_else(|e| panic!("{}: {e}", corpus.display()))
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "{} is empty", corpus.display());
+    for file in files {
+        let input = std::fs::read(&file).unwrap();
+        eprintln!("{target}: {}", file.display());
+        run(&input);
+    }
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for _ in 0..random {
+        let len = usize::try_from(next() % (u64::try_from(max_len).unwrap() + 1)).unwrap();
+        let input: Vec<u8> = (0..len).map(|_| low_byte(next())).collect();
+        run(&input);
+    }
+}
+
 #[cfg(test)]
 pub use driver::*;
 

@@ -1194,6 +1194,9 @@ fn fuzz_entry_point_runs_its_seeds() {
                 std::fs::write(dir.join(format!("seed-{i}")), seed).unwrap();
             }
         }
+        tu::run_corpus("virtio_fs", &seeds, 0, 0, |input| {
+            super::fuzz::fuzz_requests(input);
+        });
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
         for _ in 0..300 {
             let mut input = seeds[0].clone();

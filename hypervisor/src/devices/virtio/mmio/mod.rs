@@ -566,5 +566,8 @@ impl BusDevice for MmioTransport {
     }
 }
 
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzz;
 #[cfg(test)]
 mod tests;

@@ -965,6 +965,9 @@ fn fuzz_entry_point_runs_its_seeds() {
                 std::fs::write(dir.join(format!("seed-{i}")), s).unwrap();
             }
         }
+        tu::run_corpus("virtio_net", &seeds, 0, 0, |input| {
+            super::fuzz::fuzz_queues(input);
+        });
         let mut x: u64 = 0x2545_f491_4f6c_dd1d;
         for _ in 0..300 {
             let mut input = seeds[usize::try_from(x % seeds.len() as u64).unwrap()].clone();

@@ -269,3 +269,158 @@ fn image(
 }
 
 const HDR_LEN_U32: u32 = super::packet::HDR_LEN;
+
+/// What a host client's `CONNECT` line must lead to, by the protocol
+/// (Firecracker's: `CONNECT`, one space, a decimal u32, a newline).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Port(u32),
+    TooLong,
+    Malformed,
+    /// The client closed before a full line.
+    Eof,
+}
+
+/// The verdict on `bytes` and the index of the byte that decides it (None:
+/// only the end of the stream does).
+fn handshake_model(bytes: &[u8]) -> (Option<usize>, Verdict) {
+    use super::handshake::MAX_LINE;
+    for (i, &b) in bytes.iter().enumerate() {
+        if b == b'\n' {
+            return (Some(i), connect_model(&bytes[..i]));
+        }
+        if i + 1 >= MAX_LINE {
+            return (Some(i), Verdict::TooLong);
+        }
+    }
+    (None, Verdict::Eof)
+}
+
+fn connect_model(line: &[u8]) -> Verdict {
+    let Some(digits) = line.strip_prefix(b"CONNECT ") else {
+        return Verdict::Malformed;
+    };
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return Verdict::Malformed;
+    }
+    let significant = &digits[digits.iter().take_while(|&&d| d == b'0').count()..];
+    if significant.len() > 10 {
+        return Verdict::Malformed;
+    }
+    let value = significant
+        .iter()
+        .fold(0u64, |v, d| v * 10 + u64::from(d - b'0'));
+    u32::try_from(value).map_or(Verdict::Malformed, Verdict::Port)
+}
+
+/// Cuts `bytes` into the pieces a client sends: all at once when `seed` is
+/// 0, else pieces of 1 to `seed % 32 + 1` bytes (a fixed sequence per seed).
+pub fn pieces(seed: u8, bytes: &[u8]) -> Vec<&[u8]> {
+    if seed == 0 {
+        return vec![bytes];
+    }
+    let mut x = u64::from(seed).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut out = Vec::new();
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let n = 1 + usize::from(tu::low_byte(x)) % (usize::from(seed % 32) + 1);
+        let (piece, tail) = rest.split_at(n.min(rest.len()));
+        out.push(piece);
+        rest = tail;
+    }
+    out
+}
+
+/// Runs one input against the VMM's side of the host handshake: byte 0
+/// picks how the rest is cut into pieces ([`pieces`]); the rest is what a
+/// host client writes on the device's socket before it closes its end. The
+/// real [`Handshake`](super::handshake::Handshake) reads it over a real
+/// Unix socket, and must:
+/// - decide exactly when the deciding byte (the newline, or the byte that
+///   makes the line too long) arrives, and only then;
+/// - reach the protocol's verdict (a port only for `CONNECT <u32>`, errors
+///   for the rest, EOF if the client stops before a line);
+/// - leave everything after the newline unread: it is the guest's payload;
+/// - keep its error messages bounded.
+pub fn fuzz_handshake(data: &[u8]) -> Verdict {
+    use super::handshake::{Handshake, HandshakeError, MAX_LINE};
+    let Some((&seed, bytes)) = data.split_first() else {
+        return Verdict::Eof;
+    };
+    // More than a socket buffer holds would block the writer.
+    let bytes = &bytes[..bytes.len().min(64 * 1024)];
+    let (decided_at, expected) = handshake_model(bytes);
+    let (mut client, server) = UnixStream::pair().expect("socketpair");
+    server.set_nonblocking(true).expect("nonblocking");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut hs = Handshake::new(server, deadline);
+
+    let mut sent = 0;
+    let mut result = None;
+    for piece in pieces(seed, bytes) {
+        client.write_all(piece).expect("client write");
+        sent += piece.len();
+        match hs.advance() {
+            Ok(None) => assert!(
+                decided_at.is_none_or(|at| at >= sent),
+                "undecided {sent} bytes in, past the deciding byte {decided_at:?}"
+            ),
+            r => {
+                assert!(
+                    decided_at.is_some_and(|at| at < sent),
+                    "decided ({r:?}) {sent} bytes in, before the deciding byte {decided_at:?}"
+                );
+                result = Some(r);
+                break;
+            }
+        }
+    }
+    // The rest of the client's bytes, then its end of the stream.
+    client.write_all(&bytes[sent..]).expect("client write");
+    drop(client);
+    let result = result.unwrap_or_else(|| hs.advance());
+    let verdict = match result {
+        Ok(Some(port)) => Verdict::Port(port),
+        Ok(None) => panic!("undecided after the client closed"),
+        Err(HandshakeError::TooLong) => Verdict::TooLong,
+        Err(HandshakeError::Malformed(text)) => {
+            assert!(text.len() <= 3 * MAX_LINE, "{} bytes of error", text.len());
+            Verdict::Malformed
+        }
+        Err(HandshakeError::Eof) => Verdict::Eof,
+        Err(HandshakeError::Io(e)) => panic!("reading a socketpair failed: {e}"),
+    };
+    assert_eq!(verdict, expected, "on {:?}", String::from_utf8_lossy(bytes));
+    if let (Verdict::Port(_), Some(at)) = (&verdict, decided_at) {
+        hs.stream.set_nonblocking(false).expect("blocking");
+        let mut payload = Vec::new();
+        hs.stream.read_to_end(&mut payload).expect("payload");
+        assert_eq!(payload, &bytes[at + 1..], "payload after the line");
+    }
+    verdict
+}
+
+/// Starting points for [`fuzz_handshake`] (and husk-vsock's half of the
+/// `vsock_handshake` target, which reads the same bytes as the VMM's reply).
+pub fn handshake_seeds() -> Vec<Vec<u8>> {
+    let seed = |cut: u8, s: &[u8]| {
+        let mut v = vec![cut];
+        v.extend_from_slice(s);
+        v
+    };
+    vec![
+        seed(0, b"CONNECT 1024\n"),
+        seed(1, b"CONNECT 1024\nttrpc payload"),
+        seed(7, b"CONNECT 4294967295\n"),
+        seed(3, b"CONNECT 4294967296\n"),
+        seed(0, b"CONNECT 000000000000000052\n"),
+        seed(5, b"OK 1073741824\nGUEST-HELLO\n"),
+        seed(0, b"CONNECT +5\n"),
+        seed(2, b"CONNECT 5"),
+        seed(31, &[b'A'; 40]),
+        seed(0, b"\xff\xfe\n"),
+    ]
+}

@@ -856,8 +856,6 @@ fn driver_reset_through_the_transport_allows_a_fresh_start() {
 
 #[test]
 fn fuzz_entry_point_runs_its_seeds() {
-    // Also writes them out as the fuzzer's starting corpus when asked to (see fuzz/README.md).
-    let out = std::env::var_os("HUSK_FUZZ_SEED_DIR").map(PathBuf::from);
     let seeds = super::fuzz::seeds();
     for (i, seed) in seeds.iter().enumerate() {
         let outcome = super::fuzz::fuzz_queues(seed);
@@ -883,11 +881,11 @@ fn fuzz_entry_point_runs_its_seeds() {
             3 => assert!((o.tx_used, o.rx_used) == (1, 1), "{o:?}"),
             _ => assert!(o.tx_used > 0, "{o:?}"),
         }
-        if let Some(dir) = &out {
-            std::fs::create_dir_all(dir).unwrap();
-            std::fs::write(dir.join(format!("seed-{i}")), seed).unwrap();
-        }
     }
+    // The repository's corpus (and $HUSK_FUZZ_SEED_DIR/vsock_queues/ gets the seeds).
+    tu::run_corpus("vsock_queues", &seeds, 0, 0, |input| {
+        super::fuzz::fuzz_queues(input);
+    });
     let mut x: u64 = 0x1234_5678_9abc_def1;
     for _ in 0..200 {
         let input: Vec<u8> = (0..4096)
@@ -900,6 +898,36 @@ fn fuzz_entry_point_runs_its_seeds() {
             .collect();
         super::fuzz::fuzz_queues(&input);
     }
+}
+
+#[test]
+fn handshake_fuzz_seeds_corpus_and_random_inputs_hold() {
+    use super::fuzz::{fuzz_handshake, handshake_seeds, Verdict};
+    let seeds = handshake_seeds();
+    let v: Vec<Verdict> = seeds.iter().map(|s| fuzz_handshake(s)).collect();
+    assert_eq!(
+        v[..5],
+        [
+            Verdict::Port(1024),
+            Verdict::Port(1024),
+            Verdict::Port(u32::MAX),
+            Verdict::Malformed,
+            Verdict::Port(52),
+        ]
+    );
+    assert_eq!(
+        v[5..],
+        [
+            Verdict::Malformed,
+            Verdict::Malformed,
+            Verdict::Eof,
+            Verdict::TooLong,
+            Verdict::Malformed,
+        ]
+    );
+    tu::run_corpus("vsock_handshake", &seeds, 3000, 64, |input| {
+        fuzz_handshake(input);
+    });
 }
 
 /// CPU time (user + system, in clock ticks) a thread of this process used.
