@@ -11,6 +11,9 @@ pub mod errors;
 pub mod events;
 #[cfg(test)]
 mod fakes;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod guest_vm;
 pub mod io;
 pub mod kill;
