@@ -956,13 +956,22 @@ impl Cri {
     }
 
     /// Counts of what pods use on the host, to compare before and after a
-    /// churn of pods: nothing may grow.
+    /// churn of pods: nothing may grow. Only what is this test's own, so
+    /// that other work on the machine does not count: cgroups named as CRI
+    /// names pods and containers (64 hex digits), links in the CRI network
+    /// namespace, mounts under containerd's and husk's dirs or of pod
+    /// network namespaces, containerd's descriptors, shims.
     pub fn host_snapshot(&self) -> HostSnapshot {
         let count = |path: String| std::fs::read_dir(path).map_or(0, |d| d.count());
+        let root = self.containerd.dir.path().to_string_lossy().into_owned();
+        let husk = self.containerd.husk_state.to_string_lossy().into_owned();
         HostSnapshot {
-            mounts: std::fs::read_to_string("/proc/self/mountinfo")
-                .map_or(0, |t| t.lines().count()),
-            cgroups: cgroup_dirs(Path::new("/sys/fs/cgroup"), 6),
+            mounts: std::fs::read_to_string("/proc/self/mountinfo").map_or(0, |t| {
+                t.lines()
+                    .filter(|l| l.contains(&root) || l.contains(&husk) || l.contains("/netns/cni-"))
+                    .count()
+            }),
+            cgroups: cri_cgroups(Path::new("/sys/fs/cgroup"), 6),
             links: self.netns.links().len(),
             containerd_fds: count(format!("/proc/{}/fd", self.containerd.pid())),
             shims: self.containerd.shim_processes().len(),
@@ -1095,9 +1104,9 @@ impl Drop for Cri {
 /// What [`Cri::host_snapshot`] counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HostSnapshot {
-    /// Mounts in the test's (the host's) mount namespace.
+    /// Mounts of this containerd's and husk's dirs, and of pod netns.
     pub mounts: usize,
-    /// cgroup directories (every hierarchy, a few levels deep).
+    /// cgroups of CRI pods and containers (every hierarchy).
     pub cgroups: usize,
     /// Links in the CRI network namespace (taps and veths of pods).
     pub links: usize,
@@ -1133,16 +1142,21 @@ impl HostSnapshot {
     }
 }
 
-/// Directories below `dir`, at most `depth` levels down.
-fn cgroup_dirs(dir: &Path, depth: usize) -> usize {
+/// cgroup directories below `dir` (at most `depth` levels down) named as
+/// CRI names pods and containers: 64 hex digits.
+fn cri_cgroups(dir: &Path, depth: usize) -> usize {
     if depth == 0 {
         return 0;
     }
+    let is_cri_id = |name: &str| name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit());
     std::fs::read_dir(dir).map_or(0, |entries| {
         entries
             .flatten()
             .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-            .map(|e| 1 + cgroup_dirs(&e.path(), depth - 1))
+            .map(|e| {
+                let own = usize::from(e.file_name().to_str().is_some_and(is_cri_id));
+                own + cri_cgroups(&e.path(), depth - 1)
+            })
             .sum()
     })
 }
