@@ -129,11 +129,17 @@ bench-boot: build | toolchain
 	target/release/husk-bench boot --kernel $(KERNEL) --initrd $(INITRD) \
 		--vmm $(VMM) --runs $${RUNS:-5} --out bench/results/boot.json
 
-## Run every fuzz target for FUZZ_SECONDS each (needs cargo-fuzz and nightly).
-FUZZ_TARGETS := vsock_queues mmio_registers virtio_fs virtio_net
+## Run every fuzz target for FUZZ_SECONDS each (needs cargo-fuzz and nightly),
+## one at a time on one core. Each starts from the seeds kept in
+## fuzz/corpus/<target>/ (which `make test-unit` also runs) and keeps what it
+## finds in fuzz/corpus-work/<target>/ (not in git); crashes go to
+## fuzz/artifacts/<target>/.
+FUZZ_TARGETS := vsock_queues mmio_registers mmio_lifecycle virtio_fs virtio_net \
+	serial vsock_handshake guest_log agent_replies
 fuzz:
-	cd fuzz && for t in $(FUZZ_TARGETS); do \
-		cargo +nightly fuzz run $$t -- -jobs=1 -max_total_time=$${FUZZ_SECONDS:-60} || exit 1; done
+	cd fuzz && for t in $(FUZZ_TARGETS); do mkdir -p corpus-work/$$t && \
+		cargo +nightly fuzz run $$t corpus-work/$$t corpus/$$t -- \
+			-jobs=1 -workers=1 -max_total_time=$${FUZZ_SECONDS:-60} || exit 1; done
 
 clean: | toolchain
 	$(CARGO) clean
