@@ -270,21 +270,32 @@ fn contained(cri: &Cri, pod: &Pod, pod_cgroup: &PodCgroup, clock: &mut Clock) {
 
     // Guest text does not flood the node: the container writes to the
     // guest console in a loop; what reaches the host's console output stays
-    // within husk's per-VM budget, and the task API keeps answering.
+    // within husk's per-VM budget, and the task API keeps answering. The
+    // flood runs until the host has seen some of it (however slow the
+    // guest) and for at least 15 s.
     // The serial port's own device node (ttyS0 is 4:64): a container's
     // /dev/console is not the guest's.
     let flood = "mknod /dev/husk-serial c 4 64 || exit 9; \
-                 timeout 15 sh -c 'while :; do echo flood-flood-flood; done > /dev/husk-serial'; \
-                 echo done";
+                 (while [ ! -e /stop-flood ]; do echo flood-flood-flood; done \
+                   > /dev/husk-serial) >/dev/null 2>&1 & echo started";
+    let flood_lines = || {
+        cri.containerd
+            .console()
+            .lines()
+            .filter(|l| l.contains("flood-flood-flood"))
+            .count()
+    };
     let flood_started = Instant::now();
-    assert_eq!(cri.exec_ok(&hog, &["sh", "-c", flood]), "done\n");
+    assert_eq!(cri.exec_ok(&hog, &["sh", "-c", flood]), "started\n");
+    while (flood_lines() < 20 || flood_started.elapsed() < Duration::from_secs(15))
+        && flood_started.elapsed() < op_timeout()
+    {
+        std::thread::sleep(Duration::from_millis(500));
+    }
     assert_eq!(cri.exec_ok(&hog, &["echo", "alive"]), "alive\n");
-    let lines = cri
-        .containerd
-        .console()
-        .lines()
-        .filter(|l| l.contains("flood-flood-flood"))
-        .count();
+    cri.exec_ok(&hog, &["touch", "/stop-flood"]);
+    std::thread::sleep(Duration::from_secs(2));
+    let lines = flood_lines();
     let allowed = husk_hypervisor::devices::legacy::serial::CONSOLE_BURST
         + husk_hypervisor::devices::legacy::serial::CONSOLE_LINES_PER_SEC
             * flood_started.elapsed().as_secs_f64();
@@ -669,7 +680,14 @@ fn two_pods(cri: &Cri, server_pod: &Pod, client_pod: &Pod, handler: &str, clock:
     );
     let status = cri.wait_exited(&server, op_timeout());
     assert_eq!(status.exit_code, 0, "{status:?}");
-    let log = cri.container_log(server_pod, "server");
+    // containerd writes a container's log as its output arrives: the last
+    // line may land just after the exit is reported.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut log = cri.container_log(server_pod, "server");
+    while !log.contains(" stdout F hello-from-client") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        log = cri.container_log(server_pod, "server");
+    }
     assert!(
         log.contains(" stdout F hello-from-client"),
         "server log: {log:?}"
