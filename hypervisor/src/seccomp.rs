@@ -292,6 +292,9 @@ const COMMON: &[i64] = &[
     libc::SYS_madvise,
     libc::SYS_futex,
     libc::SYS_sched_yield,
+    // glibc's malloc sizes its arena count from the affinity mask the
+    // first time a thread needs an arena of its own.
+    libc::SYS_sched_getaffinity,
     libc::SYS_rt_sigprocmask,
     libc::SYS_rt_sigreturn,
     libc::SYS_sigaltstack,
