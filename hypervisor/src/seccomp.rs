@@ -349,8 +349,9 @@ fn common_rules(filter: &'static str) -> Result<Rules, SeccompError> {
 /// A vCPU: KVM_RUN and exit handling. Serial output is written here (the
 /// console file, the log), eventfds are signalled (irqfd, exit) and read (a
 /// reset clears left-over queue kicks), and activation clones the queue
-/// eventfds (dup) before handing the device to the control thread.
-const VCPU: &[i64] = &[libc::SYS_read, libc::SYS_dup];
+/// eventfds (fcntl F_DUPFD_CLOEXEC, in the common list) before handing the
+/// device to the control thread.
+const VCPU: &[i64] = &[libc::SYS_read];
 
 /// Every device worker's event loop: epoll, eventfds, interrupts.
 const EVENT_LOOP: &[i64] = &[
@@ -422,29 +423,24 @@ const FS: &[i64] = &[
     libc::SYS_getegid,
 ];
 
-/// The NIC: frames to and from the (non-blocking) tap.
-const NET: &[i64] = &[libc::SYS_readv, libc::SYS_writev];
+/// The NIC: frames to and from the (non-blocking) tap, one read or write
+/// each (already in the event loop's and the common list).
+const NET: &[i64] = &[];
 
 /// The vsock muxer: accepts host connections on its listener, connects to
 /// `<uds>_<port>` for guest connections, and moves bytes.
 const VSOCK: &[i64] = &[
     libc::SYS_accept4,
-    libc::SYS_accept,
     libc::SYS_connect,
     libc::SYS_sendto,
     libc::SYS_recvfrom,
-    libc::SYS_sendmsg,
-    libc::SYS_recvmsg,
     libc::SYS_shutdown,
-    libc::SYS_getsockopt,
 ];
 
 /// The guest log receiver: one listener, one connection at a time, poll.
 const GUEST_LOG: &[i64] = &[
     libc::SYS_poll,
-    libc::SYS_ppoll,
     libc::SYS_accept4,
-    libc::SYS_accept,
     libc::SYS_read,
     libc::SYS_recvfrom,
 ];
