@@ -972,7 +972,13 @@ impl Cri {
                     .count()
             }),
             cgroups: cri_cgroups(Path::new("/sys/fs/cgroup"), 6),
-            links: self.netns.links().len(),
+            // The CNI bridge comes with the first pod and stays.
+            links: self
+                .netns
+                .links()
+                .iter()
+                .filter(|l| *l != "lo" && *l != BRIDGE)
+                .count(),
             containerd_fds: count(format!("/proc/{}/fd", self.containerd.pid())),
             shims: self.containerd.shim_processes().len(),
         }
@@ -1108,7 +1114,8 @@ pub struct HostSnapshot {
     pub mounts: usize,
     /// cgroups of CRI pods and containers (every hierarchy).
     pub cgroups: usize,
-    /// Links in the CRI network namespace (taps and veths of pods).
+    /// Links in the CRI network namespace but lo and the CNI bridge (taps
+    /// and veths of pods).
     pub links: usize,
     /// containerd's open descriptors (FIFOs, sockets to shims).
     pub containerd_fds: usize,
