@@ -16,8 +16,10 @@ awk -v budget="$budget" '
     END {
         printf "== guest boots: %d (%d reached their agent), %.0f s booting in all, slowest %.1f s, budget %d\n",
             starts, ready, secs, slowest, budget
-        if (starts > budget) {
-            printf "boot-summary: %d guest boots is over the budget of %d\n", starts, budget > "/dev/stderr"
+        # A VM stopped before its agent came up (the shim killed during its
+        # boot) costs seconds, not a boot: only full boots count.
+        if (ready > budget) {
+            printf "boot-summary: %d full guest boots is over the budget of %d\n", ready, budget > "/dev/stderr"
             exit 1
         }
     }' "$ledger"
