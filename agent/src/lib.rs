@@ -20,6 +20,7 @@ pub mod cgroup;
 pub mod clocks;
 pub mod container;
 pub mod error;
+pub mod host_sync;
 pub mod init;
 pub mod io_server;
 pub mod logging;

@@ -96,10 +96,14 @@ pub async fn update_interface(want: &Interface) -> Result<Interface> {
             })?;
         new_addresses.push((ip, prefix));
     }
+    let previous = (!want.previous_hw_addr.is_empty())
+        .then(|| parse_mac(&want.previous_hw_addr))
+        .transpose()?;
     let handle = connect()?;
-    let key = match &mac {
-        Some(mac) => LinkKey::Mac(mac),
-        None => LinkKey::Name(&want.name),
+    let key = match (&previous, &mac) {
+        (Some(previous), _) => LinkKey::Mac(previous),
+        (None, Some(mac)) => LinkKey::Mac(mac),
+        (None, None) => LinkKey::Name(&want.name),
     };
     let link = nl::link(&handle, key).await?;
     let what = format!("interface {}", link.name);
@@ -109,7 +113,7 @@ pub async fn update_interface(want: &Interface) -> Result<Interface> {
         up: Some(false),
         name: (!want.name.is_empty() && want.name != link.name).then(|| want.name.clone()),
         mtu: (want.mtu != 0).then_some(want.mtu),
-        mac: None,
+        mac: mac.map(|m| m.to_vec()).filter(|m| *m != link.mac),
     };
     nl::set_link(&handle, link.index, change, &what).await?;
     for old in nl::addresses(&handle, link.index).await? {

@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use husk_protocol::agent::{CreateSandboxRequest, GuestDetails};
 
 use crate::error::{check_id, Error, Result};
-use crate::{cgroup, mounts, network};
+use crate::{cgroup, host_sync, mounts, network};
 use husk_util::sync::lock;
 
 struct Created {
@@ -41,6 +41,12 @@ impl Sandbox {
                     c.id, req.sandbox_id
                 )));
             }
+        }
+        if req.wall_clock_unix_nanos != 0 {
+            host_sync::set_wall_clock(req.wall_clock_unix_nanos)?;
+        }
+        if !req.entropy.is_empty() {
+            host_sync::reseed(&req.entropy)?;
         }
         if !req.hostname.is_empty() {
             nix::unistd::sethostname(&req.hostname)

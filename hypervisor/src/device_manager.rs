@@ -11,9 +11,10 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::acpi::MmioDeviceAcpi;
 use crate::bus::{lock, Bus, BusError};
 use crate::devices::virtio::control::ControlThread;
-use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::mmio::{MmioTransport, TransportState};
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::layout::*;
+use crate::snapshot::SnapshotError;
 
 /// QueueNotify register offset in the virtio-mmio window.
 const QUEUE_NOTIFY_OFFSET: u64 = 0x50;
@@ -53,6 +54,7 @@ pub enum DeviceManagerError {
 /// The virtio devices of one VM.
 pub struct DeviceManager {
     transports: Vec<Arc<Mutex<MmioTransport>>>,
+    names: Vec<&'static str>,
     acpi: Vec<MmioDeviceAcpi>,
     // After the transports: they are dropped first, then the thread joined.
     control: ControlThread,
@@ -65,6 +67,7 @@ impl DeviceManager {
     pub fn new(control: ControlThread, seccomp: bool) -> Self {
         Self {
             transports: Vec::new(),
+            names: Vec::new(),
             acpi: Vec::new(),
             control,
             seccomp,
@@ -131,6 +134,7 @@ impl DeviceManager {
         mmio_bus.insert(transport.clone(), base, VIRTIO_MMIO_SIZE)?;
         tracing::debug!("virtio {name} at {base:#x}, gsi {gsi}");
         self.transports.push(transport);
+        self.names.push(name);
         self.acpi.push(acpi);
         Ok(())
     }
@@ -138,6 +142,33 @@ impl DeviceManager {
     /// The devices as the DSDT describes them.
     pub fn acpi_devices(&self) -> &[MmioDeviceAcpi] {
         &self.acpi
+    }
+
+    /// Stops every device and returns its transport's state, in slot order
+    /// (for a snapshot: the devices stay stopped).
+    pub fn save(&self) -> Vec<TransportState> {
+        self.transports.iter().map(|t| lock(t).save()).collect()
+    }
+
+    /// Gives every device its state from a snapshot (in slot order) and
+    /// starts those the driver had started.
+    pub fn restore(&self, states: &[TransportState]) -> Result<(), SnapshotError> {
+        if states.len() != self.transports.len() {
+            return Err(SnapshotError::Mismatch(format!(
+                "{} devices in the snapshot, {} here",
+                states.len(),
+                self.transports.len()
+            )));
+        }
+        for ((transport, state), name) in self.transports.iter().zip(states).zip(&self.names) {
+            lock(transport)
+                .restore(state)
+                .map_err(|e| SnapshotError::Device {
+                    device: (*name).to_string(),
+                    reason: e.to_string(),
+                })?;
+        }
+        Ok(())
     }
 
     /// Stops every device's worker. Idempotent.

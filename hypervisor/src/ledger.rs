@@ -5,7 +5,8 @@
 //! booting took (`scripts/boot-summary.sh`); without the variable nothing is
 //! written.
 //!
-//! Lines: `start <pid>` and `ready <pid> <seconds>`. Each is one `write` to
+//! Lines: `start <pid>` and `ready <pid> <seconds>` for boots, `restore
+//! <pid>` and `restored <pid> <seconds>` for VMs restored from snapshots. Each is one `write` to
 //! a file opened with O_APPEND, so lines from concurrent processes do not
 //! interleave.
 
@@ -40,5 +41,19 @@ pub fn record_ready(boot_time: Duration) {
         "ready {} {:.3}\n",
         std::process::id(),
         boot_time.as_secs_f64()
+    ));
+}
+
+/// A VM was restored from a snapshot (called by [`crate::Vm::restore`]).
+pub fn record_restore() {
+    append(&format!("restore {}\n", std::process::id()));
+}
+
+/// A restored guest's agent answered `time` after its restore began.
+pub fn record_restored_ready(time: Duration) {
+    append(&format!(
+        "restored {} {:.3}\n",
+        std::process::id(),
+        time.as_secs_f64()
     ));
 }

@@ -104,6 +104,33 @@ impl VcpuSampler {
     }
 }
 
+/// Stops vCPU threads at a point where their state is whole, for a
+/// snapshot: each thread completes the I/O it was in (a KVM_RUN that
+/// returns at once), leaves its fd here and ends.
+#[derive(Default)]
+pub struct VcpuParking {
+    requested: AtomicBool,
+    parked: std::sync::Mutex<Vec<(u8, VcpuFd)>>,
+}
+
+impl VcpuParking {
+    /// Asks every vCPU to park after its current KVM_RUN (kick them).
+    pub fn request(&self) {
+        self.requested.store(true, Ordering::SeqCst);
+    }
+
+    fn is_requested(&self) -> bool {
+        self.requested.load(Ordering::SeqCst)
+    }
+
+    /// The parked vCPUs' fds, by id.
+    pub fn take(&self) -> Vec<(u8, VcpuFd)> {
+        let mut parked = std::mem::take(&mut *crate::bus::lock(&self.parked));
+        parked.sort_by_key(|(id, _)| *id);
+        parked
+    }
+}
+
 /// One vCPU and what it needs to handle its exits.
 pub struct Vcpu {
     pub fd: VcpuFd,
@@ -114,6 +141,7 @@ pub struct Vcpu {
     pub stop: Arc<AtomicBool>,
     pub stats: Arc<VcpuStats>,
     pub sampler: Arc<VcpuSampler>,
+    pub parking: Arc<VcpuParking>,
     /// The vCPU filter ([`crate::seccomp::ThreadKind::Vcpu`]), installed by
     /// the thread before its first KVM_RUN; `None` runs unconfined.
     pub seccomp: Option<Arc<crate::seccomp::ThreadFilter>>,
@@ -165,6 +193,10 @@ impl Vcpu {
         }
         let mut first = true;
         while !self.stop.load(Ordering::SeqCst) && !self.exit.is_requested() {
+            if self.parking.is_requested() {
+                self.park();
+                return;
+            }
             if first {
                 let _ = self.stats.first_run.set(Instant::now());
                 first = false;
@@ -180,6 +212,22 @@ impl Vcpu {
                 self.take_sample();
             }
         }
+    }
+
+    /// Completes a pending MMIO or port I/O exit without running the guest
+    /// further (KVM's documented way: KVM_RUN with immediate_exit set),
+    /// then hands the fd over for the snapshot.
+    fn park(mut self) {
+        self.fd.set_kvm_immediate_exit(1);
+        match self.fd.run() {
+            Err(e) if e.errno() == libc::EINTR => {}
+            other => tracing::warn!(
+                vcpu = self.id,
+                "completing I/O before a snapshot: {other:?}"
+            ),
+        }
+        self.fd.set_kvm_immediate_exit(0);
+        crate::bus::lock(&self.parking.parked).push((self.id, self.fd));
     }
 
     fn take_sample(&self) {

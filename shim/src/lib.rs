@@ -31,6 +31,7 @@ pub mod service;
 pub mod shim;
 pub mod spec;
 pub mod state;
+pub mod template;
 pub mod watch;
 
 /// The runtime name containerd knows husk by.

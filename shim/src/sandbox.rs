@@ -76,11 +76,14 @@ pub struct Sandbox {
     pub kill_grace: Duration,
     /// The host cgroup the VM runs in (the booting task's).
     pub cgroup: Option<HostCgroup>,
+    /// The guest was restored from a template (its NICs have the
+    /// template's MACs until CreateSandbox renames them).
+    pub restored: bool,
     /// Keeps the agent's log stream open while the VM lives.
     _guest_log: Option<husk_vsock::GuestLogReceiver>,
 }
 
-/// How a shim gets its running VM: a cold boot ([`ColdBoot`]) today.
+/// How a shim gets its running VM ([`KvmLauncher`]; fakes in tests).
 #[async_trait]
 pub trait Launcher: Send + Sync {
     /// A running sandbox for the shim's first task (`pod` describes it).
@@ -93,11 +96,14 @@ pub trait Launcher: Send + Sync {
     ) -> Result<Sandbox, SandboxError>;
 }
 
-/// Boots a new VM from the configured kernel and initrd.
-pub struct ColdBoot;
+/// Starts the VM on KVM: restored from its shape's template
+/// ([`crate::template`]) unless `[hypervisor] template = "off"`, booted
+/// from the configured kernel and initramfs otherwise, or when there is no
+/// usable template (the log says why).
+pub struct KvmLauncher;
 
 #[async_trait]
-impl Launcher for ColdBoot {
+impl Launcher for KvmLauncher {
     async fn launch(
         &self,
         config: &Config,
@@ -274,6 +280,7 @@ impl Sandbox {
             vm,
             kill_grace,
             cgroup: None,
+            restored: false,
             _guest_log: None,
         }
     }
@@ -359,9 +366,7 @@ impl Sandbox {
         )
         .map_err(io_err(&vsock_uds))?;
 
-        let vm = tokio::task::spawn_blocking(move || Vm::start(&vm_config))
-            .await
-            .map_err(|e| SandboxError::Agent(format!("VM start task failed: {e}")))??;
+        let (vm, restored) = start_vm(config, id, vm_config).await?;
         let stats = vm.vmm_stats();
         let timeouts = config
             .agent
@@ -386,11 +391,16 @@ impl Sandbox {
         };
         let client = match husk_vsock::wait_for_agent(&vsock_uds, &vm, limits).await {
             Ok((client, boot_time)) => {
-                husk_hypervisor::ledger::record_ready(boot_time);
+                if restored {
+                    husk_hypervisor::ledger::record_restored_ready(boot_time);
+                } else {
+                    husk_hypervisor::ledger::record_ready(boot_time);
+                }
                 tracing::info!(
                     sandbox = id,
-                    "guest agent answered {:.1} s after the VM started",
-                    boot_time.as_secs_f64()
+                    "guest agent answered {:.3} s after the VM {}",
+                    boot_time.as_secs_f64(),
+                    if restored { "was restored" } else { "started" }
                 );
                 client
             }
@@ -410,6 +420,7 @@ impl Sandbox {
         );
         let mut sandbox = Sandbox::new(id, dir, staging, Arc::new(agent), vm, timeouts.kill_grace);
         sandbox._guest_log = Some(guest_log);
+        sandbox.restored = restored;
         if let Err(e) = sandbox.create_guest_sandbox(pod, net.as_ref()).await {
             sandbox.stop_vm().await;
             return Err(e);
@@ -433,14 +444,27 @@ impl Sandbox {
         req.sandbox_id = self.id.clone();
         req.hostname = pod.hostname.clone().unwrap_or_default();
         req.storages.push(share);
+        // Every guest gets the host's clock and fresh randomness; for a
+        // restored one they replace its template's.
+        req.wall_clock_unix_nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()
+            .and_then(|t| i64::try_from(t.as_nanos()).ok())
+            .unwrap_or(0);
+        req.entropy = host_entropy().map_err(io_err(Path::new("/dev/urandom")))?;
         self.agent
             .create_sandbox(req)
             .await
             .map_err(SandboxError::Rpc)?;
         let Some(net) = net else { return Ok(()) };
-        for iface in &net.interfaces {
+        for (index, iface) in net.interfaces.iter().enumerate() {
+            let mut guest = network::guest_interface(iface);
+            if self.restored {
+                guest.previous_hw_addr =
+                    husk_util::netlink::mac_string(&crate::template::template_mac(index));
+            }
             self.agent
-                .update_interface(network::guest_interface(iface))
+                .update_interface(guest)
                 .await
                 .map_err(SandboxError::Rpc)?;
         }
@@ -486,10 +510,57 @@ impl Sandbox {
     }
 }
 
+/// 64 bytes from the host's RNG, for the guest to reseed from.
+fn host_entropy() -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = vec![0u8; 64];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// The VM for a sandbox: restored from its shape's template when templates
+/// are on and one can be had, booted otherwise. Says which.
+async fn start_vm(
+    config: &Config,
+    id: &str,
+    vm_config: VmConfig,
+) -> Result<(Vm, bool), SandboxError> {
+    if config.hypervisor.template == husk_config::TemplatePolicy::Auto {
+        match crate::template::ensure(config, &vm_config).await {
+            Ok(template) => {
+                let (restore_config, from) = (vm_config.clone(), template.clone());
+                let restored = tokio::task::spawn_blocking(move || {
+                    Vm::restore(&restore_config, &from.dir, &from.identity)
+                })
+                .await
+                .map_err(|e| SandboxError::Agent(format!("VM restore task failed: {e}")))?;
+                match restored {
+                    Ok(vm) => return Ok((vm, true)),
+                    Err(e @ VmError::Restore { .. }) => {
+                        tracing::warn!(sandbox = id, "{e}; discarding it and booting instead");
+                        template.discard();
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Err(e) => {
+                tracing::warn!(
+                    sandbox = id,
+                    "no template for this VM shape ({e}); booting it"
+                );
+            }
+        }
+    }
+    let vm = tokio::task::spawn_blocking(move || Vm::start(&vm_config))
+        .await
+        .map_err(|e| SandboxError::Agent(format!("VM start task failed: {e}")))??;
+    Ok((vm, false))
+}
+
 /// Creates `dir` (and its parents) readable by root only: the share holds
 /// container root filesystems and the guest must not be reachable from
 /// other users through the sockets.
-fn create_private_dir(dir: &Path) -> Result<(), SandboxError> {
+pub(crate) fn create_private_dir(dir: &Path) -> Result<(), SandboxError> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     std::fs::DirBuilder::new()
         .recursive(true)

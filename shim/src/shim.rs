@@ -101,7 +101,7 @@ impl Shim for HuskShim {
             &self.id,
             events,
             self.exit.clone(),
-            Arc::new(crate::sandbox::ColdBoot),
+            Arc::new(crate::sandbox::KvmLauncher),
         ));
         spawn_stop_on_signal(shim.clone());
         TaskService { shim }

@@ -111,6 +111,28 @@ pub async fn wait_for_agent(
     Ok(client)
 }
 
+/// [`wait_for_agent`] for a VM restored from a snapshot: recorded in the
+/// ledger as a restore, not a boot.
+pub async fn wait_for_restored_agent(
+    uds: &Path,
+    vm: &husk_hypervisor::Vm,
+) -> Result<husk_protocol::AgentServiceClient, String> {
+    let t = host_timeouts();
+    let limits = husk_vsock::BootLimits {
+        stall: t.boot_stall,
+        max: t.boot_max,
+    };
+    let (client, time) = husk_vsock::wait_for_agent(uds, vm, limits)
+        .await
+        .map_err(|e| e.to_string())?;
+    husk_hypervisor::ledger::record_restored_ready(time);
+    eprintln!(
+        "restored agent answered {:.3} s after the restore began",
+        time.as_secs_f64()
+    );
+    Ok(client)
+}
+
 /// Names of this process's threads that husk started (`husk-*`).
 pub fn husk_threads() -> Vec<String> {
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {

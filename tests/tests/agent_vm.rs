@@ -21,8 +21,8 @@ fn ctx() -> ttrpc::context::Context {
     ttrpc::context::with_timeout(i64::try_from(op_timeout().as_nanos()).unwrap_or(i64::MAX))
 }
 
-fn console(dir: &std::path::Path) -> String {
-    std::fs::read_to_string(dir.join("console.log")).unwrap_or_default()
+fn console(dir: &std::path::Path, name: &str) -> String {
+    std::fs::read_to_string(dir.join(format!("console-{name}.log"))).unwrap_or_default()
 }
 
 fn process(args: &[&str]) -> Value {
@@ -96,34 +96,87 @@ fn containers_run_in_a_microvm_then_it_powers_off_leaving_nothing() {
         .build()
         .unwrap();
     let fds_before = open_fds();
-    let uds = dir.path().join("vsock");
+    let config_at = |name: &str| {
+        let mut config = VmConfig::new(guest_kernel());
+        config.initrd = Some(guest_test_initrd());
+        config.memory_mib = 256;
+        config.console = ConsoleOutput::File(dir.path().join(format!("console-{name}.log")));
+        config.vsock = Some(VsockConfig {
+            guest_cid: 3,
+            uds_path: dir.path().join(format!("vsock-{name}")),
+        });
+        config
+    };
+
+    // The one boot: up to its agent, then saved and stopped.
+    let booted = config_at("booted");
+    let uds = booted.vsock.as_ref().unwrap().uds_path.clone();
     let guest_log = husk_vsock::GuestLogReceiver::bind(&uds).unwrap();
-    let mut config = VmConfig::new(guest_kernel());
-    config.initrd = Some(guest_test_initrd());
-    config.memory_mib = 256;
-    config.console = ConsoleOutput::File(dir.path().join("console.log"));
-    config.vsock = Some(VsockConfig {
-        guest_cid: 3,
-        uds_path: uds.clone(),
-    });
-    let mut vm = Vm::start(&config).unwrap();
-    let result = runtime.block_on(async {
+    let mut vm = Vm::start(&booted).unwrap();
+    let checked = runtime.block_on(async {
         let client = wait_for_agent(&uds, &vm).await?;
+        client
+            .check(ctx(), &CheckRequest::new())
+            .await
+            .map_err(|e| format!("agent did not answer: {e}"))
+    });
+    if let Err(e) = &checked {
+        let _ = vm.stop();
+        panic!("{e}\nconsole:\n{}", console(dir.path(), "booted"));
+    }
+    let snapshot = dir.path().join("snapshot");
+    std::fs::create_dir(&snapshot).unwrap();
+    vm.snapshot(&snapshot, "agent_vm").unwrap();
+    drop(vm);
+    drop(guest_log);
+
+    // The scenario runs in a VM restored from it.
+    let restored = config_at("restored");
+    let uds = restored.vsock.as_ref().unwrap().uds_path.clone();
+    let guest_log = husk_vsock::GuestLogReceiver::bind(&uds).unwrap();
+    let mut vm = Vm::restore(&restored, &snapshot, "agent_vm").unwrap();
+    let result = runtime.block_on(async {
+        let client = wait_for_restored_agent(&uds, &vm).await?;
         scenario(&uds, &client).await
     });
     if let Err(e) = &result {
         let _ = vm.stop();
-        panic!("{e}\nconsole:\n{}", console(dir.path()));
+        panic!("{e}\nconsole:\n{}", console(dir.path(), "restored"));
     }
     let reason = vm.wait_timeout(Some(op_timeout()));
     assert_eq!(
         reason,
         Some(ExitReason::PowerOff),
         "console:\n{}",
-        console(dir.path())
+        console(dir.path(), "restored")
     );
     drop(vm);
     drop(guest_log);
+
+    // A snapshot restores any number of times, and only into its shape.
+    let mut other = config_at("other");
+    other.memory_mib = 512;
+    let refused = Vm::restore(&other, &snapshot, "agent_vm").err().unwrap();
+    assert!(refused.to_string().contains("memory MiB"), "{refused}");
+    other.memory_mib = 256;
+    let refused = Vm::restore(&other, &snapshot, "another kernel")
+        .err()
+        .unwrap();
+    assert!(refused.to_string().contains("guest inputs"), "{refused}");
+    let uds = other.vsock.as_ref().unwrap().uds_path.clone();
+    let mut vm = Vm::restore(&other, &snapshot, "agent_vm").unwrap();
+    let again = runtime.block_on(async {
+        let client = wait_for_restored_agent(&uds, &vm).await?;
+        client
+            .check(ctx(), &CheckRequest::new())
+            .await
+            .map_err(|e| format!("agent did not answer: {e}"))
+    });
+    let _ = vm.stop();
+    drop(vm);
+    if let Err(e) = again {
+        panic!("{e}\nconsole:\n{}", console(dir.path(), "other"));
+    }
 
     assert_eq!(
         husk_threads(),
@@ -135,7 +188,7 @@ fn containers_run_in_a_microvm_then_it_powers_off_leaving_nothing() {
         .unwrap()
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n != "console.log")
+        .filter(|n| !n.starts_with("console-") && n != "snapshot")
         .collect();
     assert!(left.is_empty(), "sockets left behind: {left:?}");
 }

@@ -122,3 +122,27 @@ impl TryFrom<String> for CachePolicy {
         choice(&value, Self::NAMES).map_err(|e| format!("shared_fs.cache: {e}"))
     }
 }
+
+/// `hypervisor.template`: whether sandboxes start from a snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(try_from = "String")]
+pub enum TemplatePolicy {
+    /// Each VM shape (vCPUs, memory, NICs, kernel, initramfs) is booted
+    /// once up to its agent and snapshotted; its sandboxes restore it.
+    #[default]
+    Auto,
+    /// Every sandbox boots its guest.
+    Off,
+}
+
+impl TemplatePolicy {
+    const NAMES: &[(&str, TemplatePolicy)] =
+        &[("auto", TemplatePolicy::Auto), ("off", TemplatePolicy::Off)];
+}
+
+impl TryFrom<String> for TemplatePolicy {
+    type Error = String;
+    fn try_from(value: String) -> Result<Self, String> {
+        choice(&value, Self::NAMES).map_err(|e| format!("hypervisor.template: {e}"))
+    }
+}

@@ -33,7 +33,7 @@ pub enum ConfigError {
 }
 
 mod choices;
-pub use choices::{CachePolicy, Console, HostProfile};
+pub use choices::{CachePolicy, Console, HostProfile, TemplatePolicy};
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -52,6 +52,8 @@ pub struct HypervisorConfig {
     /// own seccomp filter, and the shim under a deny list. Off only to
     /// debug a filter.
     pub seccomp: bool,
+    /// Sandboxes restore a snapshot of a booted guest instead of booting.
+    pub template: TemplatePolicy,
 }
 
 impl Default for HypervisorConfig {
@@ -67,6 +69,7 @@ impl Default for HypervisorConfig {
             console: Console::Log,
             guest_loglevel: DEFAULT_GUEST_LOGLEVEL,
             seccomp: true,
+            template: TemplatePolicy::Auto,
         }
     }
 }
@@ -507,6 +510,21 @@ mod tests {
             let e = Config::parse(bad, path).unwrap_err().to_string();
             assert!(e.contains(field), "{bad:?}: {e}");
         }
+    }
+
+    #[test]
+    fn templates_are_auto_unless_turned_off() {
+        let path = Path::new("/etc/husk/husk.toml");
+        assert_eq!(
+            Config::parse("", path).unwrap().hypervisor.template,
+            TemplatePolicy::Auto
+        );
+        let off = Config::parse("[hypervisor]\ntemplate = \"off\"\n", path).unwrap();
+        assert_eq!(off.hypervisor.template, TemplatePolicy::Off);
+        let e = Config::parse("[hypervisor]\ntemplate = \"sometimes\"\n", path)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("hypervisor.template"), "{e}");
     }
 
     #[test]

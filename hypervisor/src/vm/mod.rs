@@ -19,6 +19,7 @@ use crate::bus::Bus;
 use crate::cpuid;
 use crate::device_manager::DeviceManager;
 use crate::devices::legacy::power::{AcpiPowerPorts, I8042};
+use crate::devices::legacy::serial::SerialRegisters;
 use crate::devices::legacy::serial::{ConsoleSink, SerialDevice};
 use crate::devices::virtio::control::ControlThread;
 use crate::devices::virtio::fs::{Fs, FsOptions};
@@ -28,10 +29,12 @@ use crate::exit::{ExitReason, ExitSignal};
 use crate::host::HostProfile;
 use crate::layout::*;
 use crate::seccomp::ThreadKind;
-use crate::vcpu::{self, Vcpu, VcpuSample, VcpuSampler, VcpuStats};
+use crate::snapshot::SnapshotShape;
+use crate::vcpu::{self, Vcpu, VcpuParking, VcpuSample, VcpuSampler, VcpuStats};
 use crate::{acpi, memory};
 
 mod config;
+mod snapshot;
 pub use config::*;
 
 /// Errors starting a VM.
@@ -79,6 +82,12 @@ pub enum VmError {
     Bus(#[from] crate::bus::BusError),
     #[error(transparent)]
     Seccomp(#[from] crate::seccomp::SeccompError),
+    #[error("cannot restore the snapshot in {}: {source}", dir.display())]
+    Restore {
+        dir: PathBuf,
+        #[source]
+        source: crate::snapshot::SnapshotError,
+    },
     #[error("cannot open console output: {0}")]
     Console(#[source] std::io::Error),
     #[error("{what}: {source}")]
@@ -128,11 +137,15 @@ pub struct Vm {
     devices: DeviceManager,
     stats: Arc<VcpuStats>,
     sampler: Arc<VcpuSampler>,
+    parking: Arc<VcpuParking>,
+    serial: Arc<Mutex<SerialDevice>>,
+    /// What a snapshot of this VM fits (identity filled in by the caller).
+    shape: SnapshotShape,
     activity: Arc<GuestActivity>,
     started: Instant,
     mem: GuestMemoryMmap,
     // Dropped after the vCPU threads are joined (fields drop in order).
-    _vm_fd: VmFd,
+    vm_fd: VmFd,
 }
 
 impl Vm {
@@ -181,108 +194,15 @@ impl Vm {
         cmdline: &str,
         loader: std::thread::ScopedJoinHandle<'_, Result<boot::LoadedImage, boot::BootError>>,
     ) -> Result<Vm, VmError> {
-        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
-        let vm_fd = kvm.create_vm().map_err(kvm_err("create VM"))?;
-        vm_fd
-            .set_tss_address(KVM_TSS_ADDRESS)
-            .map_err(kvm_err("set TSS address"))?;
-        vm_fd.create_irq_chip().map_err(kvm_err("create irqchip"))?;
-        memory::register(&vm_fd, &mem)?;
-
-        let exit = Arc::new(ExitSignal::new().map_err(io_err("create exit eventfd"))?);
-        let pio = legacy_devices(&vm_fd, config, &exit)?;
-
-        let mut mmio = Bus::new();
-        // Activations run on the control thread, started here (before any
-        // vCPU, from a thread without a VMM filter) so the device workers
-        // it starts inherit no vCPU filter.
-        let control = ControlThread::start().map_err(io_err("spawn the device control thread"))?;
-        let mut devices = DeviceManager::new(control, config.seccomp);
-        if let Some(vsock) = &config.vsock {
-            let device = Vsock::new(vsock.guest_cid, vsock.uds_path.clone()).map_err(|source| {
-                VmError::Vsock {
-                    path: vsock.uds_path.clone(),
-                    source,
-                }
-            })?;
-            devices.add_virtio(&vm_fd, &mem, &mut mmio, "vsock", Box::new(device))?;
-        }
-        if let Some(share) = &config.shared_fs {
-            let options = FsOptions {
-                cache: share.cache,
-                xattr: share.xattr,
-                max_host_fds: Some(MAX_SHARE_FDS),
-                ..FsOptions::default()
-            };
-            let device = Fs::new(&share.tag, &share.dir, options)?;
-            devices.add_virtio(&vm_fd, &mem, &mut mmio, "fs", Box::new(device))?;
-        }
-        for nic in &config.net {
-            let tap =
-                open_tap(&nic.tap_name, nic.netns.as_deref()).map_err(|source| VmError::Tap {
-                    name: nic.tap_name.clone(),
-                    source,
-                })?;
-            let device = Net::new(tap, nic.mac, nic.mtu)?;
-            devices.add_virtio(&vm_fd, &mem, &mut mmio, "net", Box::new(device))?;
-        }
-
-        acpi::write_tables(&mem, config.vcpus, devices.acpi_devices())?;
+        let machine = Machine::assemble(config, &mem, None)?;
+        acpi::write_tables(&mem, config.vcpus, machine.devices.acpi_devices())?;
         let image = loader
             .join()
             .map_err(|_| VmError::Config("the kernel loader thread panicked".into()))??;
-
-        let cpuid_template = cpuid::base(&kvm, &config.cpuid, profile.hidden_features())?;
-        vcpu::install_kick_handler().map_err(io_err("install vCPU kick handler"))?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let vcpu_filter = match config.seccomp {
-            true => Some(Arc::new(ThreadKind::Vcpu.filter()?)),
-            false => {
-                tracing::warn!("seccomp filters are off ([hypervisor] seccomp = false)");
-                None
-            }
-        };
-        let stats = Arc::new(VcpuStats::default());
-        let sampler = Arc::new(VcpuSampler::default());
-        let mut vcpus = Vec::with_capacity(config.vcpus.into());
-        for id in 0..config.vcpus {
-            let fd = vm_fd
-                .create_vcpu(u64::from(id))
-                .map_err(kvm_err("create vCPU"))?;
-            fd.set_cpuid2(&cpuid::for_vcpu(&cpuid_template, id, config.vcpus))
-                .map_err(kvm_err("set CPUID"))?;
-            boot::regs::setup_vcpu(&fd, id, image.entry.0)?;
-            vcpus.push(Vcpu {
-                fd,
-                id,
-                mmio: mmio.clone(),
-                pio: pio.clone(),
-                exit: exit.clone(),
-                stop: stop.clone(),
-                stats: stats.clone(),
-                sampler: sampler.clone(),
-                seccomp: vcpu_filter.clone(),
-            });
-        }
-
-        let mut vm = Vm {
-            profile,
-            exit,
-            stop,
-            vcpu_threads: Vec::new(),
-            devices,
-            stats,
-            sampler,
-            activity: config.activity.clone(),
-            started,
-            mem,
-            _vm_fd: vm_fd,
-        };
-        for vcpu in vcpus {
-            // On failure `vm` drops here and tears down the threads started.
-            let handle = vcpu.spawn().map_err(io_err("spawn vCPU thread"))?;
-            vm.vcpu_threads.push(handle);
-        }
+        let vcpus = machine.create_vcpus(config, profile, |fd, id| {
+            Ok(boot::regs::setup_vcpu(fd, id, image.entry.0)?)
+        })?;
+        let vm = machine.launch(config, profile, started, mem, vcpus)?;
         tracing::info!(
             vcpus = config.vcpus,
             memory_mib = config.memory_mib,
@@ -476,8 +396,199 @@ impl Drop for Vm {
     }
 }
 
+/// What a booted and a restored VM are both made of, before their vCPUs
+/// run: the KVM VM with its interrupt controller and memory, the legacy
+/// devices and the virtio devices (in the order a snapshot expects).
+struct Machine {
+    kvm: Kvm,
+    vm_fd: VmFd,
+    exit: Arc<ExitSignal>,
+    pio: Bus,
+    mmio: Bus,
+    serial: Arc<Mutex<SerialDevice>>,
+    devices: DeviceManager,
+}
+
+impl Machine {
+    /// `restored`: the serial state a snapshot left; its vsock then tells
+    /// the guest, once started, that its old connections are gone.
+    fn assemble(
+        config: &VmConfig,
+        mem: &GuestMemoryMmap,
+        restored: Option<&SerialRegisters>,
+    ) -> Result<Machine, VmError> {
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        let vm_fd = kvm.create_vm().map_err(kvm_err("create VM"))?;
+        vm_fd
+            .set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(kvm_err("set TSS address"))?;
+        vm_fd.create_irq_chip().map_err(kvm_err("create irqchip"))?;
+        memory::register(&vm_fd, mem)?;
+
+        let exit = Arc::new(ExitSignal::new().map_err(io_err("create exit eventfd"))?);
+        let (pio, serial) = legacy_devices(&vm_fd, config, &exit, restored)?;
+
+        let mut mmio = Bus::new();
+        // Activations run on the control thread, started here (before any
+        // vCPU, from a thread without a VMM filter) so the device workers
+        // it starts inherit no vCPU filter.
+        let control = ControlThread::start().map_err(io_err("spawn the device control thread"))?;
+        let mut devices = DeviceManager::new(control, config.seccomp);
+        if let Some(vsock) = &config.vsock {
+            let mut device =
+                Vsock::new(vsock.guest_cid, vsock.uds_path.clone()).map_err(|source| {
+                    VmError::Vsock {
+                        path: vsock.uds_path.clone(),
+                        source,
+                    }
+                })?;
+            if restored.is_some() {
+                device.announce_transport_reset();
+            }
+            devices.add_virtio(&vm_fd, mem, &mut mmio, "vsock", Box::new(device))?;
+        }
+        if let Some(share) = &config.shared_fs {
+            let options = FsOptions {
+                cache: share.cache,
+                xattr: share.xattr,
+                max_host_fds: Some(MAX_SHARE_FDS),
+                ..FsOptions::default()
+            };
+            let device = Fs::new(&share.tag, &share.dir, options)?;
+            devices.add_virtio(&vm_fd, mem, &mut mmio, "fs", Box::new(device))?;
+        }
+        for nic in &config.net {
+            let tap =
+                open_tap(&nic.tap_name, nic.netns.as_deref()).map_err(|source| VmError::Tap {
+                    name: nic.tap_name.clone(),
+                    source,
+                })?;
+            let device = Net::new(tap, nic.mac, nic.mtu)?;
+            devices.add_virtio(&vm_fd, mem, &mut mmio, "net", Box::new(device))?;
+        }
+        Ok(Machine {
+            kvm,
+            vm_fd,
+            exit,
+            pio,
+            mmio,
+            serial,
+            devices,
+        })
+    }
+
+    /// The vCPUs, CPUID set and `init` run on each (boot registers, or a
+    /// snapshot's state); not running yet.
+    fn create_vcpus(
+        &self,
+        config: &VmConfig,
+        profile: HostProfile,
+        mut init: impl FnMut(&kvm_ioctls::VcpuFd, u8) -> Result<(), VmError>,
+    ) -> Result<Vec<kvm_ioctls::VcpuFd>, VmError> {
+        let cpuid_template = cpuid::base(&self.kvm, &config.cpuid, profile.hidden_features())?;
+        let mut fds = Vec::with_capacity(config.vcpus.into());
+        for id in 0..config.vcpus {
+            let fd = self
+                .vm_fd
+                .create_vcpu(u64::from(id))
+                .map_err(kvm_err("create vCPU"))?;
+            fd.set_cpuid2(&cpuid::for_vcpu(&cpuid_template, id, config.vcpus))
+                .map_err(kvm_err("set CPUID"))?;
+            init(&fd, id)?;
+            fds.push(fd);
+        }
+        Ok(fds)
+    }
+
+    /// Starts the vCPU threads: from here on the guest runs.
+    fn launch(
+        self,
+        config: &VmConfig,
+        profile: HostProfile,
+        started: Instant,
+        mem: GuestMemoryMmap,
+        fds: Vec<kvm_ioctls::VcpuFd>,
+    ) -> Result<Vm, VmError> {
+        vcpu::install_kick_handler().map_err(io_err("install vCPU kick handler"))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let vcpu_filter = match config.seccomp {
+            true => Some(Arc::new(ThreadKind::Vcpu.filter()?)),
+            false => {
+                tracing::warn!("seccomp filters are off ([hypervisor] seccomp = false)");
+                None
+            }
+        };
+        let stats = Arc::new(VcpuStats::default());
+        let sampler = Arc::new(VcpuSampler::default());
+        let parking = Arc::new(VcpuParking::default());
+        let vcpus: Vec<Vcpu> = (0u8..)
+            .zip(fds)
+            .map(|(id, fd)| Vcpu {
+                fd,
+                id,
+                mmio: self.mmio.clone(),
+                pio: self.pio.clone(),
+                exit: self.exit.clone(),
+                stop: stop.clone(),
+                stats: stats.clone(),
+                sampler: sampler.clone(),
+                parking: parking.clone(),
+                seccomp: vcpu_filter.clone(),
+            })
+            .collect();
+        let mut vm = Vm {
+            profile,
+            exit: self.exit,
+            stop,
+            vcpu_threads: Vec::new(),
+            devices: self.devices,
+            stats,
+            sampler,
+            parking,
+            serial: self.serial,
+            shape: shape_of(config, profile, ""),
+            activity: config.activity.clone(),
+            started,
+            mem,
+            vm_fd: self.vm_fd,
+        };
+        for vcpu in vcpus {
+            // On failure `vm` drops here and tears down the threads started.
+            let handle = vcpu.spawn().map_err(io_err("spawn vCPU thread"))?;
+            vm.vcpu_threads.push(handle);
+        }
+        Ok(vm)
+    }
+}
+
+/// What a snapshot of a VM of `config` fits (`identity` names its inputs).
+pub fn shape_of(config: &VmConfig, profile: HostProfile, identity: &str) -> SnapshotShape {
+    let mut devices = Vec::new();
+    if config.vsock.is_some() {
+        devices.push("vsock".to_string());
+    }
+    if config.shared_fs.is_some() {
+        devices.push("fs".to_string());
+    }
+    devices.extend(config.net.iter().map(|_| "net".to_string()));
+    SnapshotShape {
+        husk: crate::snapshot::husk_version(),
+        host: crate::snapshot::host_identity(profile),
+        identity: identity.to_string(),
+        vcpus: config.vcpus,
+        memory_mib: config.memory_mib,
+        cmdline: guest_cmdline(profile, &config.extra_cmdline),
+        devices,
+    }
+}
+
 /// COM1, the i8042 reset line and the ACPI power ports on the PIO bus.
-fn legacy_devices(vm_fd: &VmFd, config: &VmConfig, exit: &Arc<ExitSignal>) -> Result<Bus, VmError> {
+fn legacy_devices(
+    vm_fd: &VmFd,
+    config: &VmConfig,
+    exit: &Arc<ExitSignal>,
+    restored: Option<&SerialRegisters>,
+) -> Result<(Bus, Arc<Mutex<SerialDevice>>), VmError> {
     let mut pio = Bus::new();
     let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(io_err("create serial eventfd"))?;
     vm_fd
@@ -485,11 +596,14 @@ fn legacy_devices(vm_fd: &VmFd, config: &VmConfig, exit: &Arc<ExitSignal>) -> Re
         .map_err(kvm_err("register serial irqfd"))?;
     let sink =
         ConsoleSink::open(&config.console, config.activity.clone()).map_err(VmError::Console)?;
-    pio.insert(
-        Arc::new(Mutex::new(SerialDevice::new(serial_irq, sink))),
-        COM1_PORT.into(),
-        COM1_PORT_LEN.into(),
-    )?;
+    let serial = match restored {
+        Some(state) => {
+            SerialDevice::from_state(serial_irq, sink, state).map_err(io_err("restore COM1"))?
+        }
+        None => SerialDevice::new(serial_irq, sink),
+    };
+    let serial = Arc::new(Mutex::new(serial));
+    pio.insert(serial.clone(), COM1_PORT.into(), COM1_PORT_LEN.into())?;
     pio.insert(
         Arc::new(Mutex::new(I8042::new(exit.clone()))),
         I8042_PORT.into(),
@@ -500,7 +614,7 @@ fn legacy_devices(vm_fd: &VmFd, config: &VmConfig, exit: &Arc<ExitSignal>) -> Re
         ACPI_SLEEP_CONTROL_PORT.into(),
         ACPI_PORTS_LEN.into(),
     )?;
-    Ok(pio)
+    Ok((pio, serial))
 }
 
 #[cfg(test)]

@@ -165,6 +165,62 @@ impl SerialDevice {
             serial: Serial::new(IrqfdTrigger(irqfd), sink),
         }
     }
+
+    /// COM1 as a snapshot left it (registers and unread input).
+    pub fn from_state(
+        irqfd: EventFd,
+        sink: ConsoleSink,
+        state: &SerialRegisters,
+    ) -> io::Result<Self> {
+        let registers = vm_superio::serial::SerialState {
+            baud_divisor_low: state.baud_divisor_low,
+            baud_divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            // Nothing ever writes to the guest's console input.
+            in_buffer: Vec::new(),
+        };
+        let trigger = IrqfdTrigger(irqfd);
+        Serial::from_state(&registers, trigger, vm_superio::serial::NoEvents, sink)
+            .map(|serial| Self { serial })
+            .map_err(|e| io::Error::other(format!("cannot restore COM1: {e:?}")))
+    }
+
+    /// The registers, for a snapshot.
+    pub fn state(&self) -> SerialRegisters {
+        let s = self.serial.state();
+        SerialRegisters {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+        }
+    }
+}
+
+/// The 16550A's registers as a snapshot keeps them (vm-superio's
+/// `SerialState` has no serde).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialRegisters {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
 }
 
 impl BusDevice for SerialDevice {

@@ -75,6 +75,12 @@ impl Interrupt {
         self.status.load(Ordering::SeqCst)
     }
 
+    /// Sets InterruptStatus as a snapshot left it (no interrupt is sent:
+    /// the restored interrupt controller holds whatever was pending).
+    pub fn restore_status(&self, bits: u32) {
+        self.status.store(bits, Ordering::SeqCst);
+    }
+
     /// InterruptACK: the driver handled `bits`.
     pub fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);

@@ -106,6 +106,9 @@ pub enum MmioError {
     /// is gone.
     #[error("device activation panicked; the device is gone")]
     Lost,
+    /// A snapshot's transport state does not fit this device.
+    #[error("snapshot does not fit the device: {0}")]
+    Restore(String),
 }
 
 /// One queue as the driver described it, before validation.
@@ -117,6 +120,9 @@ struct QueueConfig {
     desc: u64,
     driver: u64,
     device: u64,
+    /// Where the device resumes in the rings (0 unless restored: then the
+    /// used index the snapshot found, see `state.rs`).
+    next_index: u16,
 }
 
 impl QueueConfig {
@@ -145,6 +151,8 @@ impl QueueConfig {
         q.try_set_used_ring_address(GuestAddress(self.device))
             .map_err(|_| align("device (used) ring", self.device))?;
         q.set_ready(true);
+        q.set_next_avail(self.next_index);
+        q.set_next_used(self.next_index);
         if !q.is_valid(mem) {
             return Err(MmioError::QueueRange { index });
         }
@@ -565,6 +573,9 @@ impl BusDevice for MmioTransport {
         self.write_reg(offset, u32::from_le_bytes(bytes));
     }
 }
+
+mod state;
+pub use state::{QueueState, TransportState};
 
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]

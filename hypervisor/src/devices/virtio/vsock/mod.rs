@@ -69,6 +69,8 @@ pub struct Vsock {
     /// (device, inode) of the socket we bound, so Drop unlinks only our own.
     socket_id: Option<(u64, u64)>,
     worker: Option<DeviceWorker>,
+    /// Post a transport reset when the device starts (a restored guest).
+    announce_reset: bool,
 }
 
 impl Vsock {
@@ -103,7 +105,14 @@ impl Vsock {
             listener: Arc::new(listener),
             socket_id,
             worker: None,
+            announce_reset: false,
         })
+    }
+
+    /// The next start tells the guest its connections are gone (for a
+    /// guest restored from a snapshot).
+    pub fn announce_transport_reset(&mut self) {
+        self.announce_reset = true;
     }
 
     pub fn guest_cid(&self) -> u64 {
@@ -150,8 +159,11 @@ impl VirtioDevice for Vsock {
         let queues = take_queues::<3>(ctx.queues)?;
         let muxer = Muxer::new(self.guest_cid, self.uds_path.clone(), self.listener.clone())
             .map_err(ActivateError::Worker)?;
-        let worker =
+        let mut worker =
             Worker::new(ctx.mem, queues, ctx.interrupt, muxer).map_err(ActivateError::Worker)?;
+        if std::mem::take(&mut self.announce_reset) {
+            worker.post_transport_reset();
+        }
         self.worker = Some(DeviceWorker::start(
             "husk-vsock",
             worker,

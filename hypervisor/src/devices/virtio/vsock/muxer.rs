@@ -147,6 +147,30 @@ impl Muxer {
         }
     }
 
+    /// Leaves host clients waiting in the listen backlog until
+    /// [`release_listener`](Self::release_listener) or `until`: after a
+    /// transport reset, a connection made before the guest handled the
+    /// reset would be reset with the rest.
+    pub fn hold_listener(&mut self, until: Instant) {
+        if self.listener_paused_until.is_none() {
+            let _ = self.epoll.ctl(
+                ControlOperation::Delete,
+                self.listener.as_raw_fd(),
+                EpollEvent::default(),
+            );
+        }
+        self.listener_paused_until = Some(until);
+        self.note_deadline(until);
+    }
+
+    /// Accepts host clients again (at the next [`process_timeouts`](Self::process_timeouts)).
+    pub fn release_listener(&mut self, now: Instant) {
+        if self.listener_paused_until.is_some() {
+            self.listener_paused_until = Some(now);
+            self.note_deadline(now);
+        }
+    }
+
     /// A stream or the listener is ready.
     pub fn handle_event(&mut self, token: u64, events: EventSet, now: Instant) {
         if token == TOKEN_LISTENER {

@@ -38,7 +38,16 @@ pub struct Worker {
     tx_blocked: bool,
     /// An rx batch was cut short: run again without waiting.
     rx_again: bool,
+    /// A transport reset was posted and the guest has not handed its event
+    /// buffer back yet (it does once it reset its sockets): host clients
+    /// wait meanwhile.
+    awaiting_reset: bool,
 }
+
+/// How long host clients wait for a guest to handle a transport reset (it
+/// takes microseconds on bare metal; a guest that never does only delays
+/// its host clients).
+const RESET_HANDLING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Worker {
     pub fn new(
@@ -70,6 +79,7 @@ impl Worker {
             tx_pending: true,
             tx_blocked: false,
             rx_again: true,
+            awaiting_reset: false,
         })
     }
 
@@ -84,6 +94,39 @@ impl Worker {
             self.process_tx();
             self.process_rx();
         }
+    }
+
+    /// Tells the guest every connection it had is gone
+    /// (VIRTIO_VSOCK_EVENT_TRANSPORT_RESET, virtio 1.2 §5.10.6.7): a
+    /// restored guest's connections belonged to the VMM it was saved from.
+    /// Listening sockets survive; the host reconnects.
+    pub fn post_transport_reset(&mut self) {
+        const EVENT_TRANSPORT_RESET: u32 = 0;
+        let Some(chain) = self.evq.queue.pop_descriptor_chain(&self.mem) else {
+            warn!(
+                "vsock: no event buffer for the transport reset; the guest keeps stale connections"
+            );
+            return;
+        };
+        let head = chain.head_index();
+        let written = chain.writer::<()>(&self.mem).is_ok_and(|mut w| {
+            use std::io::Write;
+            w.write_all(&EVENT_TRANSPORT_RESET.to_le_bytes()).is_ok()
+        });
+        if !written {
+            warn!(
+                head,
+                "vsock: the guest's event buffer cannot take the transport reset"
+            );
+        }
+        let len = if written { 4 } else { 0 };
+        if let Err(e) = self.evq.queue.add_used(&self.mem, head, len) {
+            warn!(head, "vsock: cannot return an event chain: {e}");
+        }
+        self.signal("event");
+        self.awaiting_reset = true;
+        self.muxer
+            .hold_listener(Instant::now() + RESET_HANDLING_TIMEOUT);
     }
 
     fn signal(&self, queue: &str) {
@@ -200,6 +243,10 @@ impl EventHandler for Worker {
             }
             TOKEN_EVQ => {
                 let _ = self.evq.notify.read();
+                // The guest refills its event queue after handling events.
+                if std::mem::take(&mut self.awaiting_reset) {
+                    self.muxer.release_listener(now);
+                }
             }
             token => self.muxer.handle_event(token, events, now),
         }
