@@ -15,15 +15,16 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use husk_protocol::agent::{CreateContainerRequest, ExecProcessRequest, Stdio};
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::Container as LcContainer;
 use libcontainer::error::LibcontainerError;
 use libcontainer::syscall::syscall::SyscallType;
+use nix::sys::resource::{getrusage, Usage, UsageWho};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use tokio::sync::oneshot;
@@ -141,6 +142,9 @@ pub struct Containers {
     pub oom: Arc<OomEvents>,
     layout: Layout,
     consoles: AtomicU64,
+    /// libcontainer's state root and the console socket directory exist
+    /// (made once: four syscalls fewer per create, two per exec).
+    dirs_made: AtomicBool,
 }
 
 /// Runs libcontainer work on a blocking thread.
@@ -229,6 +233,56 @@ fn set_oom_score_adj(pid: Pid, value: Option<i32>) -> Result<()> {
         .map_err(|e| Error::Internal(format!("set oom_score_adj {value} of pid {pid}: {e}")))
 }
 
+/// What one step cost the agent (all its threads) and its waited-for
+/// children (for a create: libcontainer's intermediate process; the
+/// container's init counts once it is reaped), for the debug log. Nothing
+/// is measured at other levels. `agent/tests/measure.rs` measures a whole
+/// create + start from outside.
+struct Cost {
+    started: Instant,
+    agent: Usage,
+    children: Usage,
+}
+
+impl Cost {
+    fn begin() -> Option<Cost> {
+        if !tracing::enabled!(tracing::Level::DEBUG) {
+            return None;
+        }
+        Some(Cost {
+            started: Instant::now(),
+            agent: getrusage(UsageWho::RUSAGE_SELF).ok()?,
+            children: getrusage(UsageWho::RUSAGE_CHILDREN).ok()?,
+        })
+    }
+
+    fn log(self, container: &str, step: &str) {
+        let (Ok(agent), Ok(children)) = (
+            getrusage(UsageWho::RUSAGE_SELF),
+            getrusage(UsageWho::RUSAGE_CHILDREN),
+        ) else {
+            return;
+        };
+        let faults = |now: &Usage, then: &Usage| {
+            (
+                now.minor_page_faults() - then.minor_page_faults(),
+                now.major_page_faults() - then.major_page_faults(),
+            )
+        };
+        let (agent_minflt, agent_majflt) = faults(&agent, &self.agent);
+        let (children_minflt, children_majflt) = faults(&children, &self.children);
+        tracing::debug!(
+            container,
+            wall_us = u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            agent_minflt,
+            agent_majflt,
+            children_minflt,
+            children_majflt,
+            "{step} cost"
+        );
+    }
+}
+
 /// Unmounts what it holds when dropped, unless disarmed.
 struct MountGuard(Vec<PathBuf>);
 
@@ -252,6 +306,7 @@ impl Containers {
             oom: Arc::new(OomEvents::default()),
             layout,
             consoles: AtomicU64::new(0),
+            dirs_made: AtomicBool::new(false),
         }
     }
 
@@ -275,12 +330,23 @@ impl Containers {
         self.get(container_id)?.process(exec_id)
     }
 
+    /// Makes the agent's directories under `run` once.
+    fn make_dirs(&self) -> Result<()> {
+        if self.dirs_made.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        for dir in [self.layout.libcontainer_root(), self.layout.tty_dir()] {
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| Error::Internal(format!("create {}: {e}", dir.display())))?;
+        }
+        self.dirs_made.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
     fn console_socket(&self) -> Result<PathBuf> {
-        let dir = self.layout.tty_dir();
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| Error::Internal(format!("create {}: {e}", dir.display())))?;
+        self.make_dirs()?;
         let n = self.consoles.fetch_add(1, Ordering::Relaxed);
-        Ok(dir.join(format!("{n}.sock")))
+        Ok(self.layout.tty_dir().join(format!("{n}.sock")))
     }
 
     pub async fn create(&self, req: CreateContainerRequest) -> Result<Pid> {
@@ -311,6 +377,7 @@ impl Containers {
     }
 
     async fn create_reserved(&self, req: CreateContainerRequest) -> Result<Arc<Container>> {
+        let cost = Cost::begin();
         let id = req.container_id.clone();
         let requested = requested(req.stdio.as_ref());
         let mut mounted = MountGuard(Vec::new());
@@ -354,9 +421,6 @@ impl Containers {
             .and_then(|()| std::fs::write(bundle.join("config.json"), json))
             .map_err(|e| Error::Internal(format!("write bundle {}: {e}", bundle.display())))?;
         let state_root = self.layout.libcontainer_root();
-        std::fs::create_dir_all(&state_root)
-            .map_err(|e| Error::Internal(format!("create {}: {e}", state_root.display())))?;
-
         let console = self.console_socket()?;
         let (child, pending) = stdio::prepare(requested, &console)
             .map_err(|e| Error::Internal(format!("container {id}: stdio: {e}")))?;
@@ -400,7 +464,10 @@ impl Containers {
                 return Err(e);
             }
         };
-        let _ = std::fs::remove_file(&console);
+        // Bound only for a terminal (stdio::prepare).
+        if requested.terminal {
+            let _ = std::fs::remove_file(&console);
+        }
         if let Err(e) = set_oom_score_adj(built.pid, prepared.oom_score_adj) {
             tracing::warn!(container = id, "{e}");
         }
@@ -422,6 +489,9 @@ impl Containers {
             pid = built.pid.as_raw(),
             "container created"
         );
+        if let Some(cost) = cost {
+            cost.log(&id, "create");
+        }
         Ok(Arc::new(Container {
             id,
             bundle,
@@ -444,10 +514,14 @@ impl Containers {
                 "container {id} is {status}; only a created container can be started"
             )));
         }
+        let cost = Cost::begin();
         let lc = c.lc.clone();
         blocking(move || lock(&lc).start())
             .await?
             .map_err(|e| lc_error(&format!("start container {id}"), &e))?;
+        if let Some(cost) = cost {
+            cost.log(id, "start");
+        }
         let mut status = lock(&c.status);
         if *status == Status::Created {
             *status = Status::Running;
@@ -529,7 +603,9 @@ impl Containers {
         })
         .await;
         let _ = std::fs::remove_file(&process_file);
-        let _ = std::fs::remove_file(&console);
+        if requested.terminal {
+            let _ = std::fs::remove_file(&console);
+        }
         let built = built??;
         if let Err(e) = set_oom_score_adj(built.pid, prepared.oom_score_adj) {
             tracing::warn!(container = cid, exec = eid, "{e}");

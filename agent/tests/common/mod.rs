@@ -65,6 +65,11 @@ pub struct TestAgent {
 
 impl TestAgent {
     pub fn start() -> TestAgent {
+        TestAgent::start_logging("debug")
+    }
+
+    /// With another `--log-level` (a guest's default is info).
+    pub fn start_logging(level: &str) -> TestAgent {
         static N: AtomicU32 = AtomicU32::new(0);
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("agent.sock");
@@ -94,10 +99,15 @@ impl TestAgent {
                 "--cgroup",
                 "--",
             ])
-            .arg(env!("CARGO_BIN_EXE_husk-agent"))
+            // Another build of the agent (agent/tests/measure.rs).
+            .arg(
+                std::env::var_os("HUSK_AGENT_BIN")
+                    .unwrap_or(env!("CARGO_BIN_EXE_husk-agent").into()),
+            )
             .arg("--listen")
             .arg(format!("unix://{}", sock.display()))
-            .args(["--isolated", "--log-level=debug"])
+            .arg("--isolated")
+            .arg(format!("--log-level={level}"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
