@@ -109,8 +109,12 @@ test-unit: | toolchain
 ## CI's 90 minutes on a host where a boot takes 300 s.
 BOOT_LEDGER := $(abspath target/boot-ledger.txt)
 BOOT_BUDGET ?= 12
+## The suite's templates (one per VM shape, shared by every test's shims):
+## made afresh each run, so each shape costs one counted boot.
+export HUSK_TEST_TEMPLATES := $(abspath target/husk-templates)
 test-vm: guest guest-test vmm shim
 	rm -f $(BOOT_LEDGER)
+	rm -rf $(HUSK_TEST_TEMPLATES)
 	HUSK_BOOT_LEDGER=$(BOOT_LEDGER) $(CARGO) test -p husk-tests -- --test-threads=1; \
 		status=$$?; scripts/boot-summary.sh $(BOOT_LEDGER) $(BOOT_BUDGET) || status=1; exit $$status
 

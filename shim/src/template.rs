@@ -2,7 +2,7 @@
 //! shim binary) is booted once up to its agent, snapshotted, and every new
 //! sandbox of that shape restores the snapshot instead of booting.
 //!
-//! Layout under `<state_dir>/templates/`: `<key>/` (a finished snapshot:
+//! Layout under `<state_dir>/templates/` (`[hypervisor] template_dir`): `<key>/` (a finished snapshot:
 //! `vmstate`, `memory`), `<key>.lock` (held by whoever builds that key:
 //! a shim that finds it held waits, then restores what the other built),
 //! `.build-<key>-<pid>/` (work in progress, renamed into place when done,
@@ -125,7 +125,7 @@ pub async fn ensure(config: &Config, vm: &VmConfig) -> Result<Template, Template
     let shape = husk_hypervisor::vm::shape_of(vm, profile, &identity);
     let digest = Sha256::digest(format!("{shape:?}").as_bytes());
     let key: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
-    let root = config.runtime.state_dir.join("templates");
+    let root = config.template_dir();
     let dir = root.join(&key);
     let template = Template {
         dir: dir.clone(),
@@ -143,7 +143,20 @@ pub async fn ensure(config: &Config, vm: &VmConfig) -> Result<Template, Template
         // Another shim built it while this one waited.
         return Ok(template);
     }
-    let work = root.join(format!(".build-{key}-{}", std::process::id()));
+    // Holding the key's lock, any build dir of this key is a dead builder's.
+    let prefix = format!(".build-{key}-");
+    if let Ok(entries) = std::fs::read_dir(&root) {
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                tracing::info!(
+                    "removing {}, left by a shim that died building it",
+                    entry.path().display()
+                );
+                remove_work_dir(&entry.path());
+            }
+        }
+    }
+    let work = root.join(format!("{prefix}{}", std::process::id()));
     let built = build(config, vm, &template, &work).await;
     remove_work_dir(&work);
     built.map(|()| template)

@@ -108,6 +108,8 @@ pub struct ContainerdOptions {
     /// exceeds the 107 bytes a socket path may have, so CRI tests put it in
     /// a short directory such as /run.
     pub husk_state_parent: Option<PathBuf>,
+    /// Lines added to husk's `[hypervisor]` section (e.g. `template = "off"`).
+    pub husk_hypervisor: String,
 }
 
 impl ContainerdOptions {
@@ -117,6 +119,7 @@ impl ContainerdOptions {
             kernel: guest_kernel(),
             netns: None,
             husk_state_parent: None,
+            husk_hypervisor: String::new(),
         }
     }
 }
@@ -159,10 +162,12 @@ impl Containerd {
         std::fs::write(
             &husk_config,
             format!(
-                "[hypervisor]\nkernel = {:?}\ninitrd = {:?}\nconsole = {:?}\n[runtime]\nstate_dir = {:?}\nlog_level = \"debug\"\n",
+                "[hypervisor]\nkernel = {:?}\ninitrd = {:?}\nconsole = {:?}\ntemplate_dir = {:?}\n{}\n[runtime]\nstate_dir = {:?}\nlog_level = \"debug\"\n",
                 kernel,
                 guest_initrd(),
                 root.join("console.log"),
+                crate::template_dir(),
+                options.husk_hypervisor,
                 husk_state
             ),
         )

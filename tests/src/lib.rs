@@ -133,6 +133,16 @@ pub async fn wait_for_restored_agent(
     Ok(client)
 }
 
+/// Where the shims of every test keep their templates: one per VM shape
+/// for the whole suite, so each shape costs one boot
+/// (`$HUSK_TEST_TEMPLATES`, which `make test-vm` empties first; default
+/// `target/husk-templates`).
+pub fn template_dir() -> PathBuf {
+    std::env::var_os("HUSK_TEST_TEMPLATES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/husk-templates"))
+}
+
 /// Names of this process's threads that husk started (`husk-*`).
 pub fn husk_threads() -> Vec<String> {
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {

@@ -131,6 +131,53 @@ fn one_shot_run_output_stdin_and_exit_code() {
     assert_clean(&c);
 }
 
+/// Two tasks whose guests were restored from one template (the suite's:
+/// `template_dir`) are each their own: different random UUIDs, boot ids
+/// and getrandom bytes, and the host's wall clock (within a second), not
+/// the template's.
+#[test]
+fn restored_guests_are_each_their_own() {
+    let c = ctrd();
+    let script = "cat /proc/sys/kernel/random/uuid /proc/sys/kernel/random/boot_id; \
+                  head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s";
+    let mut seen = Vec::new();
+    for id in ["clone1", "clone2"] {
+        let before = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let out = c.ctr(&run_args(&["--rm"], id, &["sh", "-c", script]));
+        let after = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{text}\n{}", c.diagnostics());
+        let lines: Vec<String> = text.lines().map(str::to_string).collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        let guest_time: u64 = lines[3].parse().unwrap();
+        assert!(
+            before.saturating_sub(1) <= guest_time && guest_time <= after + 1,
+            "the guest's clock {guest_time} is not the host's ({before}..{after})"
+        );
+        seen.push(lines);
+    }
+    for (what, i) in [("random uuid", 0), ("boot id", 1), ("getrandom bytes", 2)] {
+        assert_ne!(
+            seen[0][i], seen[1][i],
+            "two restored guests share their {what}"
+        );
+    }
+    let log = c.log();
+    assert_eq!(
+        log.matches("after the VM was restored").count(),
+        2,
+        "both guests were restored from the template\n{}",
+        c.diagnostics()
+    );
+    assert_clean(&c);
+}
+
 /// A create that fails in the guest (the command does not exist) is a
 /// clear error naming the command, and tears its VM down: nothing is left.
 #[test]
@@ -654,7 +701,13 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 /// (the sandbox directory with its mounted share, the task's cgroup).
 #[test]
 fn a_shim_killed_while_its_vm_boots_leaves_nothing_behind() {
-    let c = ctrd();
+    // A boot, not a restore (that takes milliseconds): the shim is killed
+    // while its guest boots, before the agent answers.
+    let c = Containerd::start_with_options(&ContainerdOptions {
+        husk_hypervisor: "template = \"off\"".into(),
+        ..ContainerdOptions::new("")
+    });
+    c.import_test_image("default");
     let run = c
         .ctr_command(&run_args(&[], "midcreate", &["true"]))
         .stdout(Stdio::piped())
@@ -753,6 +806,7 @@ fn husk_check_passes_and_boots_a_guest() {
         "containerd",
         "guest boot",
         "guest clocks",
+        "snapshot restore",
     ] {
         assert!(
             stdout

@@ -54,6 +54,8 @@ pub struct HypervisorConfig {
     pub seccomp: bool,
     /// Sandboxes restore a snapshot of a booted guest instead of booting.
     pub template: TemplatePolicy,
+    /// Where templates live; unset: `<state_dir>/templates`.
+    pub template_dir: Option<PathBuf>,
 }
 
 impl Default for HypervisorConfig {
@@ -70,6 +72,7 @@ impl Default for HypervisorConfig {
             guest_loglevel: DEFAULT_GUEST_LOGLEVEL,
             seccomp: true,
             template: TemplatePolicy::Auto,
+            template_dir: None,
         }
     }
 }
@@ -239,6 +242,7 @@ impl Config {
             Some(&mut config.hypervisor.kernel),
             Some(&mut config.hypervisor.initrd),
             Some(&mut config.runtime.state_dir),
+            config.hypervisor.template_dir.as_mut(),
             console,
         ]
         .into_iter()
@@ -250,6 +254,15 @@ impl Config {
         }
         config.validate()?;
         Ok(config)
+    }
+
+    /// Where templates live (`[hypervisor] template_dir`, by default
+    /// `<state_dir>/templates`).
+    pub fn template_dir(&self) -> PathBuf {
+        self.hypervisor
+            .template_dir
+            .clone()
+            .unwrap_or_else(|| self.runtime.state_dir.join("templates"))
     }
 
     /// Reads and parses one file.

@@ -212,7 +212,8 @@ fn check(boot: bool) -> ExitCode {
 }
 
 /// Boots one guest as a sandbox would (without devices but vsock), asks its
-/// agent for its health and clocks, and powers it off.
+/// agent for its health and clocks, snapshots it, restores the snapshot
+/// into a new VM (what templates do), and powers that one off.
 fn boot_guest(
     config: &husk_config::Config,
     profile: HostProfile,
@@ -247,24 +248,18 @@ fn boot_guest(
         stall: timeouts.boot_stall,
         max: timeouts.boot_max,
     };
+    let ctx = || {
+        ttrpc::context::with_timeout(i64::try_from(timeouts.request.as_nanos()).unwrap_or(i64::MAX))
+    };
     let answered = runtime.block_on(async {
         let (client, boot_time) = husk_vsock::wait_for_agent(&uds, &vm, limits)
             .await
             .map_err(|e| e.to_string())?;
         husk_hypervisor::ledger::record_ready(boot_time);
-        let ctx = || {
-            ttrpc::context::with_timeout(
-                i64::try_from(timeouts.request.as_nanos()).unwrap_or(i64::MAX),
-            )
-        };
         let health = client
             .check(ctx(), &CheckRequest::new())
             .await
             .map_err(|e| format!("Check: {e}"))?;
-        client
-            .shutdown(ctx(), &ShutdownRequest::new())
-            .await
-            .map_err(|e| format!("Shutdown: {e}"))?;
         Ok::<_, String>((boot_time, health))
     });
     let (boot_time, health) = match answered {
@@ -274,12 +269,60 @@ fn boot_guest(
             return Err(format!("{e} (VM: {reason})"));
         }
     };
-    let ended = vm.wait_timeout(Some(timeouts.request));
-    if ended.is_none() {
-        vm.stop();
-        return Err("the guest did not power off after Shutdown".into());
-    }
+    // What a template is: this guest saved, then restored into a new VM.
+    let snapshot = dir.path().join("snapshot");
+    let restore = std::fs::create_dir(&snapshot)
+        .map_err(|e| e.to_string())
+        .and_then(|()| {
+            vm.snapshot(&snapshot, "husk check")
+                .map_err(|e| e.to_string())
+        });
+    drop(vm);
+    let restore = restore.and_then(|()| {
+        let started = std::time::Instant::now();
+        let mut vm = Vm::restore(&vm_config, &snapshot, "husk check").map_err(|e| e.to_string())?;
+        let answered = runtime.block_on(async {
+            let (client, _) = husk_vsock::wait_for_agent(&uds, &vm, limits)
+                .await
+                .map_err(|e| e.to_string())?;
+            let answer = started.elapsed();
+            husk_hypervisor::ledger::record_restored_ready(answer);
+            client
+                .check(ctx(), &CheckRequest::new())
+                .await
+                .map_err(|e| format!("Check after the restore: {e}"))?;
+            client
+                .shutdown(ctx(), &ShutdownRequest::new())
+                .await
+                .map_err(|e| format!("Shutdown: {e}"))?;
+            Ok::<_, String>(answer)
+        });
+        let answer = match answered {
+            Ok(answer) => answer,
+            Err(e) => {
+                let reason = vm.stop();
+                return Err(format!("{e} (VM: {reason})"));
+            }
+        };
+        if vm.wait_timeout(Some(timeouts.request)).is_none() {
+            vm.stop();
+            return Err("the restored guest did not power off after Shutdown".into());
+        }
+        Ok(answer)
+    });
+    let restored = restore.map_err(|e| format!("snapshot restore: {e}"))?;
     Ok(vec![
+        (
+            "snapshot restore",
+            format!(
+                "a restored guest's agent answered {:.0} ms after the restore began (templates: {})",
+                restored.as_secs_f64() * 1000.0,
+                match config.hypervisor.template {
+                    husk_config::TemplatePolicy::Auto => "auto",
+                    husk_config::TemplatePolicy::Off => "off",
+                }
+            ),
+        ),
         (
             "guest boot",
             format!(
