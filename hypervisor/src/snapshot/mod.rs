@@ -217,3 +217,111 @@ pub fn read_state(dir: &Path) -> Result<VmState, SnapshotError> {
     }
     serde_json::from_slice(body).map_err(|e| corrupt(format!("cannot decode the state: {e}")))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape() -> SnapshotShape {
+        SnapshotShape {
+            husk: husk_version(),
+            host: "native; test CPU; Linux 6.1".into(),
+            identity: "kernel k; initramfs i".into(),
+            vcpus: 1,
+            memory_mib: 256,
+            cmdline: "console=ttyS0".into(),
+            devices: vec!["vsock".into(), "fs".into()],
+        }
+    }
+
+    fn state() -> VmState {
+        VmState {
+            shape: shape(),
+            vcpus: Vec::new(),
+            irqchips: vec![kvm_irqchip::default(); 3],
+            clock: kvm_clock_data::default(),
+            serial: SerialRegisters {
+                baud_divisor_low: 12,
+                baud_divisor_high: 0,
+                interrupt_enable: 0,
+                interrupt_identification: 1,
+                line_control: 3,
+                line_status: 0x60,
+                modem_control: 8,
+                modem_status: 0xb0,
+                scratch: 0,
+            },
+            transports: Vec::new(),
+            memory: vec![MemoryRegion {
+                guest_addr: 0,
+                len: 256 << 20,
+                file_offset: 0,
+            }],
+        }
+    }
+
+    #[test]
+    fn a_state_file_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        write_state(dir.path(), &state()).unwrap();
+        let back = read_state(dir.path()).unwrap();
+        assert_eq!(back.shape, shape());
+        assert_eq!(back.serial, state().serial);
+        assert_eq!(back.memory, state().memory);
+        assert_eq!(back.irqchips.len(), 3);
+    }
+
+    #[test]
+    fn damaged_state_files_are_named_and_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        write_state(dir.path(), &state()).unwrap();
+        let path = dir.path().join(STATE_FILE);
+        let good = std::fs::read(&path).unwrap();
+        let newline = good.iter().position(|&b| b == b'\n').unwrap();
+        let mut flipped = good.clone();
+        let last = flipped.len() - 2;
+        flipped[last] ^= 0x01;
+        let mut wrong_version = b"husk-vm-snapshot 999 ".to_vec();
+        wrong_version.extend_from_slice(&good[newline - 64..]);
+        for (bytes, says) in [
+            (flipped, "do not match their digest"),
+            (wrong_version, "format 999"),
+            (b"not a snapshot".to_vec(), "no header line"),
+            (b"elf binary\n{}".to_vec(), "header"),
+            (Vec::new(), "no header line"),
+        ] {
+            std::fs::write(&path, &bytes).unwrap();
+            let e = read_state(dir.path()).err().unwrap().to_string();
+            assert!(e.contains(says), "{e}");
+            assert!(e.contains(STATE_FILE), "names the file: {e}");
+        }
+        // A valid digest over JSON that is not a state.
+        let body = b"{\"shape\": 1}";
+        let mut forged =
+            format!("{MAGIC} {FORMAT_VERSION} {}\n", hex(&Sha256::digest(body))).into_bytes();
+        forged.extend_from_slice(body);
+        std::fs::write(&path, forged).unwrap();
+        let e = read_state(dir.path()).err().unwrap().to_string();
+        assert!(e.contains("cannot decode"), "{e}");
+        std::fs::remove_file(&path).unwrap();
+        assert!(read_state(dir.path()).is_err());
+    }
+
+    #[test]
+    fn a_shape_difference_names_the_first_field() {
+        assert_eq!(shape().difference(&shape()), None);
+        let mut other = shape();
+        other.memory_mib = 512;
+        let d = shape().difference(&other).unwrap();
+        assert!(
+            d.contains("memory MiB") && d.contains("256") && d.contains("512"),
+            "{d}"
+        );
+        let mut other = shape();
+        other.devices.push("net".into());
+        assert!(shape().difference(&other).unwrap().contains("devices"));
+        let mut other = shape();
+        other.host = "nested-pvm; other CPU".into();
+        assert!(shape().difference(&other).unwrap().contains("host"));
+    }
+}

@@ -3,8 +3,10 @@
 
 use super::*;
 use crate::devices::virtio::test_utils as tu;
+use crate::devices::virtio::VIRTIO_MMIO_INT_VRING;
 use std::sync::Mutex;
 use virtio_queue::mock::MockSplitQueue;
+use vm_memory::{Address, Bytes};
 
 /// A queue as the device got it: (size, desc, avail, used).
 type QueueSeen = (u16, u64, u64, u64);
@@ -13,6 +15,8 @@ type QueueSeen = (u16, u64, u64, u64);
 #[derive(Default)]
 struct Seen {
     activations: Vec<(u64, Vec<QueueSeen>)>,
+    /// Per activation, where each queue starts in its rings.
+    next: Vec<Vec<(u16, u16)>>,
     resets: usize,
 }
 
@@ -57,11 +61,14 @@ impl VirtioDevice for FakeDevice {
                 (q.size(), q.desc_table(), q.avail_ring(), q.used_ring())
             })
             .collect();
-        self.seen
-            .lock()
-            .unwrap()
-            .activations
-            .push((ctx.acked_features, queues));
+        let next = ctx
+            .queues
+            .iter()
+            .map(|q| (q.queue.next_avail(), q.queue.next_used()))
+            .collect();
+        let mut seen = self.seen.lock().unwrap();
+        seen.activations.push((ctx.acked_features, queues));
+        seen.next.push(next);
         Ok(())
     }
     fn reset(&mut self) {
@@ -405,4 +412,92 @@ fn arbitrary_accesses_never_panic() {
         }
     }
     t.shutdown();
+}
+
+#[test]
+fn a_saved_transport_restores_onto_a_new_one_where_its_rings_stood() {
+    let Rig {
+        mut t,
+        seen,
+        mem,
+        irq,
+    } = rig(false);
+    assert_eq!(negotiate(&mut t, FAKE_FEATURES), FEAT_OK);
+    let q0 = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), 16);
+    let q1 = MockSplitQueue::create(&mem, GuestAddress(0x2_0000), 8);
+    for (index, q, size) in [(0, &q0, 16), (1, &q1, 8)] {
+        setup_queue(
+            &mut t,
+            index,
+            size,
+            q.desc_table_addr().0,
+            q.avail_addr().0,
+            q.used_addr().0,
+        );
+    }
+    w(&mut t, reg::STATUS, FEAT_OK | STATUS_DRIVER_OK);
+    // The device used 5 chains of queue 0 and 2 of queue 1 (wrapping is
+    // the ring's business, not the transport's).
+    mem.write_obj(5u16.to_le(), q0.used_addr().unchecked_add(2))
+        .unwrap();
+    mem.write_obj(2u16.to_le(), q1.used_addr().unchecked_add(2))
+        .unwrap();
+    irq.signal_used_queue().unwrap();
+    let state = t.save();
+    assert_eq!(seen.lock().unwrap().resets, 1, "the device was stopped");
+    assert_eq!(state.device_type, 42);
+    assert_eq!(state.driver_features, FAKE_FEATURES);
+    assert_eq!(state.interrupt_status, VIRTIO_MMIO_INT_VRING);
+    let next: Vec<u16> = state.queues.iter().map(|q| q.next_index).collect();
+    assert_eq!(next, vec![5, 2]);
+
+    let restored = rig(false);
+    let mut t2 = restored.t;
+    t2.restore(&state).unwrap();
+    assert_eq!(r(&mut t2, reg::STATUS), FEAT_OK | STATUS_DRIVER_OK);
+    assert_eq!(r(&mut t2, reg::INTERRUPT_STATUS), VIRTIO_MMIO_INT_VRING);
+    let seen2 = restored.seen.lock().unwrap();
+    assert_eq!(seen2.activations.len(), 1, "the device was started again");
+    assert_eq!(seen2.activations[0].0, FAKE_FEATURES);
+    assert_eq!(
+        seen2.activations[0].1,
+        seen.lock().unwrap().activations[0].1
+    );
+    assert_eq!(seen2.next[0], vec![(5, 5), (2, 2)]);
+}
+
+#[test]
+fn a_saved_state_that_does_not_fit_the_device_is_refused_untouched() {
+    let Rig { mut t, .. } = rig(false);
+    assert_eq!(negotiate(&mut t, FAKE_FEATURES), FEAT_OK);
+    let good = t.save();
+    let mut wrong_type = good.clone();
+    wrong_type.device_type = 19;
+    let mut extra_queue = good.clone();
+    extra_queue.queues.push(extra_queue.queues[0]);
+    let mut unknown_features = good.clone();
+    unknown_features.driver_features |= 1 << 40;
+    let mut oversized = good.clone();
+    oversized.queues[1].size = 64;
+    for (state, says) in [
+        (wrong_type, "device type"),
+        (extra_queue, "queues"),
+        (unknown_features, "features"),
+        (oversized, "queue 1"),
+    ] {
+        let Rig {
+            t: mut fresh, seen, ..
+        } = rig(false);
+        let e = fresh.restore(&state).unwrap_err().to_string();
+        assert!(e.contains(says), "{e}");
+        assert_eq!(r(&mut fresh, reg::STATUS), 0, "nothing changed");
+        assert!(seen.lock().unwrap().activations.is_empty());
+    }
+    // Saved before DRIVER_OK: restored, not started.
+    let Rig {
+        t: mut fresh, seen, ..
+    } = rig(false);
+    fresh.restore(&good).unwrap();
+    assert_eq!(r(&mut fresh, reg::STATUS), FEAT_OK);
+    assert!(seen.lock().unwrap().activations.is_empty());
 }

@@ -1029,3 +1029,50 @@ fn host_data_waiting_for_rx_buffers_does_not_spin_the_worker() {
     let (h, _) = g.recv();
     assert_eq!((h.op, h.flags), (OP_SHUTDOWN, SHUTDOWN_SEND));
 }
+
+/// A restored guest's vsock: the device posts VIRTIO_VSOCK_EVENT_TRANSPORT_RESET
+/// in the guest's event buffer at start, and host clients wait until the
+/// guest handed the event buffer back (it has reset its old sockets by
+/// then), so no new connection is caught in the reset.
+#[test]
+fn a_restored_device_resets_the_guests_connections_before_host_clients_get_in() {
+    const EVENT_BUF: u64 = 0x80_0000;
+    let dir = test_dir("transport-reset");
+    let uds = dir.join("v.sock");
+    let mut vsock = Vsock::new(CID, uds.clone()).unwrap();
+    vsock.announce_transport_reset();
+    let m = mem(MEM_SIZE);
+    m.write_slice(&[0xaa; 8], GuestAddress(EVENT_BUF)).unwrap();
+    let [rx, tx, ev] = TestQueue::at_strides(&m, QSIZE);
+    // The guest's event buffer was posted before the snapshot.
+    ev.desc_table()
+        .store(0, raw(EVENT_BUF, 8, tu::DESC_F_WRITE, 0))
+        .unwrap();
+    ev.push_avail(0);
+    let (notify, _irq) = activate(&mut vsock, &m, VIRTIO_F_VERSION_1, &[&rx, &tx, &ev]);
+    assert_eq!(ev.used_idx(), 1, "the reset event was posted");
+    assert_eq!(ev.used_elem(0), (0, 4));
+    let mut event = [0u8; 4];
+    m.read_slice(&mut event, GuestAddress(EVENT_BUF)).unwrap();
+    assert_eq!(
+        u32::from_le_bytes(event),
+        0,
+        "VIRTIO_VSOCK_EVENT_TRANSPORT_RESET"
+    );
+
+    let mut g = Guest::new(&m, Dev::Direct(vsock), rx, tx, notify);
+    g.post_rx(4);
+    let mut s = UnixStream::connect(&uds).unwrap();
+    s.write_all(b"CONNECT 1024\n").unwrap();
+    g.expect_quiet();
+    // The guest handled the event and refills its event queue.
+    ev.desc_table()
+        .store(1, raw(EVENT_BUF, 8, tu::DESC_F_WRITE, 0))
+        .unwrap();
+    ev.push_avail(1);
+    g.kick(2);
+    let (req, _) = g.recv();
+    assert_eq!((req.op, req.dst_port), (OP_REQUEST, 1024));
+    g.send(g.hdr(OP_RESPONSE, 1024, req.src_port), &[]);
+    assert_eq!(read_line(&mut s), format!("OK {}\n", req.src_port));
+}
