@@ -29,7 +29,7 @@ export HUSK_VMM := $(abspath $(VMM))
 export HUSK_SHIM_DIR := $(abspath $(dir $(SHIM)))
 export HUSK_GUEST_PROBE := $(abspath $(GUEST_PROBE))
 
-.PHONY: setup toolchain build guest guest-test kernel agent initrd vmm shim demo install installer-image test test-unit test-vm lint fmt bench bench-boot bench-start soak fuzz clean
+.PHONY: setup toolchain build guest guest-test kernel agent initrd vmm shim demo install installer-image test test-unit test-vm lint fmt bench bench-boot bench-start bench-density soak fuzz clean
 
 build: guest vmm shim
 
@@ -125,7 +125,7 @@ lint: | toolchain
 fmt: | toolchain
 	$(CARGO) fmt --all
 
-bench: bench-boot bench-start
+bench: bench-boot bench-start bench-density
 
 ## Boot-to-agent-ready: husk-vmm vs qemu microvm, same kernel and initramfs.
 bench-boot: build | toolchain
@@ -159,3 +159,8 @@ soak: guest guest-test vmm shim | toolchain
 bench-start: build | toolchain
 	$(CARGO) build --release -p husk-tests --bin husk-bench
 	target/release/husk-bench start --runs $${RUNS:-5} --out bench/results/start.json
+
+## PSS per idle pod, N pods restored from one template (PODS=1,10).
+bench-density: build | toolchain
+	$(CARGO) build --release -p husk-tests --bin husk-bench
+	target/release/husk-bench density --pods $${PODS:-1,10} --out bench/results/density.json

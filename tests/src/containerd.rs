@@ -110,6 +110,8 @@ pub struct ContainerdOptions {
     pub husk_state_parent: Option<PathBuf>,
     /// Lines added to husk's `[hypervisor]` section (e.g. `template = "off"`).
     pub husk_hypervisor: String,
+    /// husk's template dir; None: the suite's ([`crate::template_dir`]).
+    pub template_dir: Option<PathBuf>,
 }
 
 impl ContainerdOptions {
@@ -120,6 +122,7 @@ impl ContainerdOptions {
             netns: None,
             husk_state_parent: None,
             husk_hypervisor: String::new(),
+            template_dir: None,
         }
     }
 }
@@ -166,7 +169,10 @@ impl Containerd {
                 kernel,
                 guest_initrd(),
                 root.join("console.log"),
-                crate::template_dir(),
+                options
+                    .template_dir
+                    .clone()
+                    .unwrap_or_else(crate::template_dir),
                 options.husk_hypervisor,
                 husk_state
             ),

@@ -59,7 +59,13 @@ const LARGE_OUTPUT: usize = 4 << 20;
 #[test]
 fn one_shot_run_output_stdin_and_exit_code() {
     use sha2::{Digest, Sha256};
-    let c = ctrd();
+    // The one task of the suite whose shim boots its guest (templates off):
+    // the cold path stays covered end to end; every other task restores.
+    let c = Containerd::start_with_options(&ContainerdOptions {
+        husk_hypervisor: "template = \"off\"".into(),
+        ..ContainerdOptions::new("")
+    });
+    c.import_test_image("default");
     // `seq` gives a position-revealing pattern rather than zeros.
     let script = format!(
         "uname -r; echo to-stdout; echo to-stderr >&2; tr a-z A-Z; \
@@ -128,6 +134,10 @@ fn one_shot_run_output_stdin_and_exit_code() {
     assert!(log.contains("husk shim serving"), "shim log missing");
     assert!(log.contains("husk::guest"), "agent log lines missing");
     assert!(log.contains("agent ready"), "sandbox lifecycle missing");
+    assert!(
+        log.contains("after the VM started"),
+        "the guest was booted, not restored"
+    );
     assert_clean(&c);
 }
 

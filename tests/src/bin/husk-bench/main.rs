@@ -39,6 +39,13 @@ enum Bench {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Host memory per idle pod restored from one template, for N pods.
+    Density {
+        #[arg(long, value_delimiter = ',', default_values_t = [1, 10])]
+        pods: Vec<usize>,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Boot to agent ready: husk-vmm vs qemu microvm.
     Boot {
         #[arg(long)]
@@ -63,6 +70,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.bench {
         Bench::Start { runs, out } => start::bench_start(runs, &out),
+        Bench::Density { pods, out } => start::bench_density(&pods, &out),
         Bench::Boot {
             kernel,
             initrd,
