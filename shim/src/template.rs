@@ -109,11 +109,43 @@ fn identity(vm: &VmConfig) -> Result<String, TemplateError> {
         .map(|s| format!("{:?} xattr={}", s.cache, s.xattr));
     let mtus: Vec<Option<u16>> = vm.net.iter().map(|n| n.mtu).collect();
     Ok(format!(
-        "kernel {}; initramfs {initrd}; shim {}; cpuid hide {:?}; share {share:?}; mtus {mtus:?}",
-        fingerprint(&vm.kernel)?,
-        fingerprint(&exe)?,
+        "{}; cpuid hide {:?}; share {share:?}; mtus {mtus:?}",
+        inputs(&fingerprint(&vm.kernel)?, &initrd, &fingerprint(&exe)?),
         vm.cpuid.hide,
     ))
+}
+
+/// The part of an identity that names the files (see [`prune_stale`]).
+fn inputs(kernel: &str, initrd: &str, shim: &str) -> String {
+    format!("kernel {kernel}; initramfs {initrd}; shim {shim}")
+}
+
+/// Removes the templates under `root` made from other files than `current`
+/// (the inputs part of an identity): an upgraded kernel, initramfs or shim
+/// leaves its old templates behind otherwise. Templates of other shapes of
+/// the same inputs stay. A VM restored from a removed one keeps its mapping.
+fn prune_stale(root: &Path, current: &str, keep: &Path) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        let name = entry.file_name();
+        if dir == keep || name.to_string_lossy().starts_with('.') || !dir.is_dir() {
+            continue;
+        }
+        let stale = match husk_hypervisor::snapshot::read_state(&dir) {
+            Ok(state) => !state.shape.identity.starts_with(current),
+            Err(_) => true,
+        };
+        if stale {
+            tracing::info!("removing the stale template {}", dir.display());
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                tracing::warn!("cannot remove {}: {e}", dir.display());
+            }
+            let _ = std::fs::remove_file(root.join(format!("{}.lock", name.to_string_lossy())));
+        }
+    }
 }
 
 /// The template for `vm` (a sandbox's VM config), built first if there is
@@ -159,7 +191,11 @@ pub async fn ensure(config: &Config, vm: &VmConfig) -> Result<Template, Template
     let work = root.join(format!("{prefix}{}", std::process::id()));
     let built = build(config, vm, &template, &work).await;
     remove_work_dir(&work);
-    built.map(|()| template)
+    built?;
+    if let Some((current, _)) = template.identity.split_once("; cpuid hide") {
+        prune_stale(&root, current, &dir);
+    }
+    Ok(template)
 }
 
 /// An exclusive flock on `path` (created if missing), held while the
@@ -330,6 +366,44 @@ mod tests {
         assert_ne!(before, identity(&vm).unwrap());
         let missing = VmConfig::new(dir.path().join("gone"));
         assert!(identity(&missing).unwrap_err().to_string().contains("gone"));
+    }
+
+    #[test]
+    fn templates_of_other_inputs_are_pruned_and_the_rest_kept() {
+        use husk_hypervisor::snapshot::{write_state, VmState};
+        let root = tempfile::tempdir().unwrap();
+        let make = |name: &str, identity: &str| {
+            let dir = root.path().join(name);
+            std::fs::create_dir(&dir).unwrap();
+            let state: VmState = serde_json::from_value(serde_json::json!({
+                "shape": {"husk": "v", "host": "h", "identity": identity, "vcpus": 1,
+                          "memory_mib": 256, "cmdline": "", "devices": []},
+                "vcpus": [], "irqchips": [], "clock": serde_json::to_value(
+                    kvm_bindings::kvm_clock_data::default()).unwrap(),
+                "serial": {"baud_divisor_low": 0, "baud_divisor_high": 0,
+                           "interrupt_enable": 0, "interrupt_identification": 0,
+                           "line_control": 0, "line_status": 0, "modem_control": 0,
+                           "modem_status": 0, "scratch": 0},
+                "transports": [], "memory": [],
+            }))
+            .unwrap();
+            write_state(&dir, &state).unwrap();
+            dir
+        };
+        let current = inputs("k1", "i1", "s1");
+        let keep = make("new", &format!("{current}; cpuid hide []"));
+        let other_shape = make("shape2", &format!("{current}; cpuid hide [\"x\"]"));
+        let old = make(
+            "old",
+            &format!("{}; cpuid hide []", inputs("k0", "i1", "s1")),
+        );
+        let junk = root.path().join("junk");
+        std::fs::create_dir(&junk).unwrap();
+        let building = root.path().join(".build-x-1");
+        std::fs::create_dir(&building).unwrap();
+        prune_stale(root.path(), &current, &keep);
+        assert!(keep.exists() && other_shape.exists() && building.exists());
+        assert!(!old.exists() && !junk.exists());
     }
 
     #[test]
