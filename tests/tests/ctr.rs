@@ -185,6 +185,33 @@ fn restored_guests_are_each_their_own() {
         "both guests were restored from the template\n{}",
         c.diagnostics()
     );
+
+    // A damaged template (here its memory file cut short) is not restored:
+    // the task boots instead, the log says why, and the template is
+    // discarded for the next task to rebuild. (Last of this file's tests,
+    // which run in name order: none after it needs the template.)
+    let template = std::fs::read_dir(template_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.join("memory").is_file())
+        .expect("the template the clones came from");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(template.join("memory"))
+        .unwrap()
+        .set_len(4096)
+        .unwrap();
+    let out = c.ctr(&run_args(&["--rm"], "clone3", &["true"]));
+    assert!(out.status.success(), "{}", c.diagnostics());
+    let log = c.log();
+    assert!(
+        log.contains("too short") && log.contains("discarding it and booting instead"),
+        "{}",
+        c.diagnostics()
+    );
+    assert!(log.contains("after the VM started"), "the third guest booted");
+    assert!(!template.exists(), "the damaged template was discarded");
     assert_clean(&c);
 }
 

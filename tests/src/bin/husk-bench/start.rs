@@ -200,7 +200,16 @@ fn write_result(out: &Path, result: &serde_json::Value) -> Result<(), String> {
 fn pods_pss(c: &Containerd, n: usize) -> Result<(f64, f64), String> {
     let ids: Vec<String> = (0..n).map(|i| format!("density-{n}-{i}")).collect();
     for id in &ids {
-        let out = c.ctr(&["run", "-d", "--runtime", HUSK_RUNTIME, TEST_IMAGE, id, "sleep", "3600"]);
+        let out = c.ctr(&[
+            "run",
+            "-d",
+            "--runtime",
+            HUSK_RUNTIME,
+            TEST_IMAGE,
+            id,
+            "sleep",
+            "3600",
+        ]);
         if !out.status.success() {
             return Err(format!(
                 "ctr run -d {id}: {}\n{}",
@@ -242,7 +251,9 @@ pub fn bench_density(pods: &[usize], out: &Path) -> Result<(), String> {
     let mut rows = Vec::new();
     for &n in pods {
         let (per_pod, guest_per_pod) = pods_pss(&warm, n)?;
-        eprintln!("{n} idle pods: {per_pod:.1} MiB PSS each ({guest_per_pod:.1} MiB of it guest RAM)");
+        eprintln!(
+            "{n} idle pods: {per_pod:.1} MiB PSS each ({guest_per_pod:.1} MiB of it guest RAM)"
+        );
         rows.push(json!({
             "pods": n,
             "pss_per_pod_mib": per_pod,
