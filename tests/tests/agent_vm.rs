@@ -100,6 +100,11 @@ fn containers_run_in_a_microvm_then_it_powers_off_leaving_nothing() {
         let mut config = VmConfig::new(guest_kernel());
         config.initrd = Some(guest_test_initrd());
         config.memory_mib = 256;
+        // HUSK_TEST_VCPUS: to try the scenario on a multi-vCPU guest.
+        config.vcpus = std::env::var("HUSK_TEST_VCPUS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1);
         config.console = ConsoleOutput::File(dir.path().join(format!("console-{name}.log")));
         config.vsock = Some(VsockConfig {
             guest_cid: 3,

@@ -210,7 +210,10 @@ fn restored_guests_are_each_their_own() {
         "{}",
         c.diagnostics()
     );
-    assert!(log.contains("after the VM started"), "the third guest booted");
+    assert!(
+        log.contains("after the VM started"),
+        "the third guest booted"
+    );
     assert!(!template.exists(), "the damaged template was discarded");
     assert_clean(&c);
 }
