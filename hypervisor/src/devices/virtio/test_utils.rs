@@ -277,6 +277,21 @@ mod driver {
         }
     }
 
+    /// Whether the thread `tid` of this process is gone within a second:
+    /// a joined thread's /proc entry can outlive the join for a moment on a
+    /// loaded host.
+    pub fn thread_gone(tid: i32) -> bool {
+        let task = std::path::PathBuf::from(format!("/proc/self/task/{tid}"));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        while task.exists() {
+            if std::time::Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        true
+    }
+
     /// Tells the device queue `q` has new buffers.
     pub fn kick(notify: &[EventFd], q: usize) {
         notify[q].write(1).unwrap();

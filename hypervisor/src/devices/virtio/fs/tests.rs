@@ -829,7 +829,10 @@ fn init_does_not_change_the_shims_umask_and_reset_stops_the_worker() {
         "husk-fs"
     );
     g.fs().reset();
-    assert!(!task.exists(), "worker thread still running after reset");
+    assert!(
+        tu::thread_gone(tid),
+        "worker thread still running after reset"
+    );
     g.fs().reset(); // idempotent
 }
 

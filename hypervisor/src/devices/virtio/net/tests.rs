@@ -930,7 +930,7 @@ fn reset_stops_the_worker_and_drop_removes_the_tap() {
         "husk-net"
     );
     g.net().reset();
-    assert!(!task.exists(), "worker thread still running");
+    assert!(tu::thread_gone(tid), "worker thread still running");
     g.net().reset(); // idempotent
                      // The tap outlives a reset (the next activation uses it)...
     assert!(ns.has_link("tap0"));

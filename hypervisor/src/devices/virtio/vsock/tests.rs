@@ -817,7 +817,7 @@ fn reset_stops_the_worker_and_closes_every_stream_and_drop_removes_the_socket() 
         "husk-vsock"
     );
     g.vsock().reset();
-    assert!(!task.exists(), "worker thread still running");
+    assert!(tu::thread_gone(tid), "worker thread still running");
     assert_eof(&mut host_side);
     assert_eof(&mut service_side);
     assert_eof(&mut half_done);
