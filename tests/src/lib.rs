@@ -95,18 +95,11 @@ pub async fn wait_for_agent(
     uds: &Path,
     vm: &husk_hypervisor::Vm,
 ) -> Result<husk_protocol::AgentServiceClient, String> {
-    let t = host_timeouts();
-    let limits = husk_vsock::BootLimits {
-        stall: t.boot_stall,
-        max: t.boot_max,
-    };
-    let (client, boot_time) = husk_vsock::wait_for_agent(uds, vm, limits)
-        .await
-        .map_err(|e| e.to_string())?;
-    husk_hypervisor::ledger::record_ready(boot_time);
+    let (client, time) = agent_within_bounds(uds, vm).await?;
+    husk_hypervisor::ledger::record_ready(time);
     eprintln!(
         "agent answered {:.1} s after the VM started",
-        boot_time.as_secs_f64()
+        time.as_secs_f64()
     );
     Ok(client)
 }
@@ -117,20 +110,29 @@ pub async fn wait_for_restored_agent(
     uds: &Path,
     vm: &husk_hypervisor::Vm,
 ) -> Result<husk_protocol::AgentServiceClient, String> {
-    let t = host_timeouts();
-    let limits = husk_vsock::BootLimits {
-        stall: t.boot_stall,
-        max: t.boot_max,
-    };
-    let (client, time) = husk_vsock::wait_for_agent(uds, vm, limits)
-        .await
-        .map_err(|e| e.to_string())?;
+    let (client, time) = agent_within_bounds(uds, vm).await?;
     husk_hypervisor::ledger::record_restored_ready(time);
     eprintln!(
         "restored agent answered {:.3} s after the restore began",
         time.as_secs_f64()
     );
     Ok(client)
+}
+
+/// The agent's client and how long it took to answer, within husk's boot
+/// bounds for this host.
+async fn agent_within_bounds(
+    uds: &Path,
+    vm: &husk_hypervisor::Vm,
+) -> Result<(husk_protocol::AgentServiceClient, Duration), String> {
+    let t = host_timeouts();
+    let limits = husk_vsock::BootLimits {
+        stall: t.boot_stall,
+        max: t.boot_max,
+    };
+    husk_vsock::wait_for_agent(uds, vm, limits)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// Where the shims of every test keep their templates: one per VM shape
