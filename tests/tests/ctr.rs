@@ -190,12 +190,14 @@ fn restored_guests_are_each_their_own() {
     // the task boots instead, the log says why, and the template is
     // discarded for the next task to rebuild. (Last of this file's tests,
     // which run in name order: none after it needs the template.)
-    let template = std::fs::read_dir(template_dir())
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.join("memory").is_file())
-        .expect("the template the clones came from");
+    // The suite's template dir holds a template per shape (the CRI tests'
+    // too): damage the one the clones were restored from, named in the log.
+    let template = restored_from(&log).expect("the log names the template the clones came from");
+    assert!(
+        template.starts_with(template_dir()) && template.join("memory").is_file(),
+        "{} is not a template of the suite's",
+        template.display()
+    );
     std::fs::OpenOptions::new()
         .write(true)
         .open(template.join("memory"))
@@ -216,6 +218,16 @@ fn restored_guests_are_each_their_own() {
     );
     assert!(!template.exists(), "the damaged template was discarded");
     assert_clean(&c);
+}
+
+/// The template directory of the last "VM restored from <dir> in …" line.
+fn restored_from(log: &str) -> Option<std::path::PathBuf> {
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("VM restored from "))?;
+    let rest = &line[line.find("VM restored from ")? + "VM restored from ".len()..];
+    Some(std::path::PathBuf::from(rest.rsplit_once(" in ")?.0))
 }
 
 /// A create that fails in the guest (the command does not exist) is a
