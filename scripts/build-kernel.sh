@@ -55,7 +55,9 @@ if [ ! -f "$cached/vmlinux" ]; then
     make -C "$tree" -s ARCH=x86_64 -j"$(nproc)" vmlinux
     mkdir -p "$cached.tmp"
     cp "$tree/vmlinux" "$tree/.config" "$cached.tmp/"
-    make -C "$tree" -s ARCH=x86_64 kernelrelease > "$cached.tmp/release"
+    # --no-print-directory: under a parent make (MAKEFLAGS has w) the
+    # "Entering directory" lines would land in the release file.
+    make --no-print-directory -C "$tree" -s ARCH=x86_64 kernelrelease > "$cached.tmp/release"
     rm -rf "$cached"
     mv "$cached.tmp" "$cached"
 fi
