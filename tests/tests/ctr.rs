@@ -222,11 +222,10 @@ fn restored_guests_are_each_their_own() {
 
 /// The template directory of the last "VM restored from <dir> in …" line.
 fn restored_from(log: &str) -> Option<std::path::PathBuf> {
-    let line = log
+    let (_, rest) = log
         .lines()
         .rev()
-        .find(|l| l.contains("VM restored from "))?;
-    let rest = &line[line.find("VM restored from ")? + "VM restored from ".len()..];
+        .find_map(|l| l.split_once("VM restored from "))?;
     Some(std::path::PathBuf::from(rest.rsplit_once(" in ")?.0))
 }
 
