@@ -1,7 +1,10 @@
 //! The stdio stream listener: guest vsock port 1026 (or a Unix socket in
 //! host mode). Each connection starts with a header line naming a process
 //! and one of its streams (`husk_protocol::stdio`); the connection then
-//! carries that stream (see [`crate::stdio`]). Only the host is served
+//! carries that stream (see [`crate::stdio`]). A `forward <port>` header
+//! instead asks for a TCP connection to that port on the guest's loopback
+//! (kubectl port-forward; [`husk_protocol::forward`]), which the stream
+//! then carries both ways. Only the host is served
 //! ([`crate::vsock_peer`]). Anything wrong with a connection closes it and
 //! is logged; the listener goes on.
 
@@ -91,6 +94,13 @@ async fn handle(stream: IoStream, containers: Arc<Containers>) {
             return;
         }
     }
+    if husk_protocol::forward::is_forward(&line) {
+        match husk_protocol::forward::parse(&line) {
+            Ok(port) => forward(stream, port).await,
+            Err(e) => tracing::warn!("port-forward stream refused: {e}"),
+        }
+        return;
+    }
     let header = match StreamHeader::parse(&line) {
         Ok(h) => h,
         Err(e) => {
@@ -115,5 +125,33 @@ async fn handle(stream: IoStream, containers: Arc<Containers>) {
     match process.io.attach(header.kind, Box::new(stream)) {
         Ok(()) => tracing::debug!("stdio stream attached: {who}"),
         Err(e) => tracing::warn!("stdio stream for {who} refused: {e}"),
+    }
+}
+
+/// Carries `stream` to and from TCP `port` on the guest's loopback (IPv4,
+/// else IPv6), passing each direction's EOF on as a half-close.
+async fn forward(mut stream: BufReader<IoStream>, port: u16) {
+    let mut target = match connect_loopback(port).await {
+        Ok(target) => target,
+        Err(e) => {
+            tracing::debug!("port-forward to guest port {port}: {e}");
+            return;
+        }
+    };
+    match tokio::io::copy_bidirectional(&mut stream, &mut target).await {
+        Ok((to_guest, to_host)) => tracing::debug!(
+            "port-forward to guest port {port} ended: {to_guest} bytes in, {to_host} out"
+        ),
+        Err(e) => tracing::debug!("port-forward to guest port {port} ended: {e}"),
+    }
+}
+
+async fn connect_loopback(port: u16) -> std::io::Result<tokio::net::TcpStream> {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+    match tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await {
+        Ok(s) => Ok(s),
+        Err(v4) => tokio::net::TcpStream::connect((Ipv6Addr::LOCALHOST, port))
+            .await
+            .map_err(|_| v4),
     }
 }

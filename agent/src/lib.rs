@@ -9,6 +9,7 @@
 //! - [`stdio`], [`io_server`]: process stdio as vsock streams (port 1026)
 //! - [`sandbox`]: the pod (hostname, DNS files, storages, guest details)
 //! - [`network`]: interfaces and routes over netlink
+//! - [`sysctl`]: pod sysctls of the namespaces containers share with the VM
 //! - [`vsock_peer`]: only the host's CID is served, on every port
 //! - [`error`]: RPC errors as ttrpc statuses
 //! - [`power`]: power-off, and the panic hook that uses it
@@ -33,6 +34,7 @@ pub mod sandbox;
 pub mod service;
 pub mod spec;
 pub mod stdio;
+pub mod sysctl;
 pub mod vsock_peer;
 pub mod workload;
 

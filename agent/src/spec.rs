@@ -9,15 +9,33 @@
 
 use std::path::{Path, PathBuf};
 
-use libcontainer::oci_spec::runtime::{LinuxBuilder, Process, Spec};
+use libcontainer::oci_spec::runtime::{LinuxBuilder, LinuxNamespaceType, Process, Spec};
 
 use crate::error::{Error, Result};
+use crate::sysctl;
+
+/// The OCI `linux.namespaces[].type` word of a namespace.
+fn namespace_oci_type(typ: LinuxNamespaceType) -> &'static str {
+    match typ {
+        LinuxNamespaceType::Mount => "mount",
+        LinuxNamespaceType::Cgroup => "cgroup",
+        LinuxNamespaceType::Uts => "uts",
+        LinuxNamespaceType::Ipc => "ipc",
+        LinuxNamespaceType::User => "user",
+        LinuxNamespaceType::Pid => "pid",
+        LinuxNamespaceType::Network => "network",
+        LinuxNamespaceType::Time => "time",
+    }
+}
 
 /// A spec ready for libcontainer, and what was taken out of it.
 pub struct ContainerSpec {
     pub spec: Spec,
     pub oom_score_adj: Option<i32>,
     pub terminal: bool,
+    /// Sysctls of namespaces the container shares with the VM, for the
+    /// agent to set ([`crate::sysctl`]).
+    pub vm_sysctls: Vec<(String, String)>,
 }
 
 /// A process ready for libcontainer's tenant builder.
@@ -49,6 +67,15 @@ pub fn container_spec(
     };
     // The host's cgroup path means nothing in the guest.
     linux.set_cgroups_path(Some(cgroups_path.to_path_buf()));
+    let own_namespaces: Vec<&str> = linux
+        .namespaces()
+        .iter()
+        .flatten()
+        .map(|ns| namespace_oci_type(ns.typ()))
+        .collect();
+    let mut sysctls = linux.sysctl().clone().unwrap_or_default();
+    let vm_sysctls = sysctl::take_vm_sysctls(&mut sysctls, &own_namespaces);
+    linux.set_sysctl((!sysctls.is_empty()).then_some(sysctls));
     spec.set_linux(Some(linux));
 
     let Some(process) = spec.process().clone() else {
@@ -67,6 +94,7 @@ pub fn container_spec(
         spec,
         oom_score_adj,
         terminal,
+        vm_sysctls,
     })
 }
 

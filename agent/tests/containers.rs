@@ -616,3 +616,83 @@ async fn sandbox_and_network_configuration() {
         ttrpc::Code::NOT_FOUND
     );
 }
+
+/// A pod sandbox shares the VM's IPC, UTS and network namespaces (the shim
+/// takes them out of its spec): its namespaced sysctls are set there by the
+/// agent, not refused. And a `forward <port>` stream reaches a server a
+/// container runs on the VM's loopback; a port nothing listens on closes
+/// the stream without a byte.
+#[tokio::test(flavor = "current_thread")]
+async fn pod_sysctls_land_in_the_vms_namespaces_and_port_forward_reaches_a_container() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let agent = TestAgent::start();
+    agent.in_netns(&["ip", "link", "set", "lo", "up"]);
+    let client = agent.client().await;
+    let script = "cat /proc/sys/kernel/shm_rmid_forced /proc/sys/fs/mqueue/msg_max \
+                  /proc/sys/net/ipv4/ip_unprivileged_port_start; \
+                  exec httpd -f -p 127.0.0.1:7777 -h /etc";
+    let mut pod = spec(process(&["sh", "-c", script]));
+    pod["linux"]["namespaces"] = serde_json::json!([{"type": "pid"}, {"type": "mount"}]);
+    // The VM's UTS namespace: the shim drops the hostname too.
+    pod.as_object_mut().unwrap().remove("hostname");
+    pod["linux"]["sysctl"] = serde_json::json!({
+        "kernel.shm_rmid_forced": "1",
+        "fs.mqueue.msg_max": "64",
+        "net.ipv4.ip_unprivileged_port_start": "2000",
+    });
+    let req = create_request("pod", &agent.rootfs, &pod, stdio(false, true, false, false));
+    client.create_container(ctx(), &req).await.unwrap();
+    let mut out = agent.attach("pod", None, StdioKind::Stdout).await;
+    start(&client, "pod").await;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    while seen.iter().filter(|b| **b == b'\n').count() < 3 {
+        let n = out.read(&mut buf).await.unwrap();
+        assert!(
+            n > 0,
+            "the container ended early: {:?}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(String::from_utf8_lossy(&seen), "1\n64\n2000\n");
+
+    // httpd may take a moment to listen: retry until it answers.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let response = loop {
+        let mut stream = tokio::net::UnixStream::connect(&agent.io_sock)
+            .await
+            .unwrap();
+        stream
+            .write_all(husk_protocol::forward::encode(7777).as_bytes())
+            .await
+            .unwrap();
+        stream
+            .write_all(b"GET /passwd HTTP/1.0\r\n\r\n")
+            .await
+            .unwrap();
+        let response = read_all(stream).await;
+        if !response.is_empty() || std::time::Instant::now() > deadline {
+            break response;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert!(
+        response.starts_with("HTTP/1.") && response.contains("200"),
+        "{response:?}"
+    );
+    assert!(response.contains("root:x:0:0:"), "{response:?}");
+
+    let mut closed = tokio::net::UnixStream::connect(&agent.io_sock)
+        .await
+        .unwrap();
+    closed
+        .write_all(husk_protocol::forward::encode(7778).as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(read_all(closed).await, "", "nothing listens on 7778");
+
+    signal(&client, "pod", "", libc::SIGKILL, true).await;
+    wait(&client, "pod", "").await;
+    remove(&client, "pod").await;
+}

@@ -23,6 +23,7 @@ pub mod logging;
 pub mod metrics;
 pub mod network;
 pub mod options;
+pub mod port_forward;
 pub mod process;
 pub mod rootfs;
 pub mod sandbox;

@@ -81,6 +81,8 @@ pub struct Sandbox {
     pub restored: bool,
     /// Keeps the agent's log stream open while the VM lives.
     _guest_log: Option<husk_vsock::GuestLogReceiver>,
+    /// Carries port-forwards from the pod's namespace to the guest.
+    _port_forward: Option<crate::port_forward::PortForwarder>,
 }
 
 /// How a shim gets its running VM ([`KvmLauncher`]; fakes in tests).
@@ -282,6 +284,7 @@ impl Sandbox {
             cgroup: None,
             restored: false,
             _guest_log: None,
+            _port_forward: None,
         }
     }
 
@@ -410,6 +413,24 @@ impl Sandbox {
                 return Err(SandboxError::Agent(format!("{e} (VM: {reason}){hint}")));
             }
         };
+        // kubectl port-forward dials the pod's namespace: carry it to the
+        // guest. Without it the pod still runs; only port-forward fails.
+        let port_forward = match &net {
+            Some(net) => {
+                let dialer = crate::port_forward::GuestDialer {
+                    vsock_uds: vsock_uds.clone(),
+                    timeout: timeouts.request,
+                };
+                match crate::port_forward::start(&net.netns, dialer).await {
+                    Ok(forwarder) => Some(forwarder),
+                    Err(e) => {
+                        tracing::warn!(sandbox = id, "port-forward unavailable: {e}");
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
         let vm: Arc<dyn GuestVm> = Arc::new(KvmVm::new(vm).map_err(io_err(&dir))?);
         let diagnosed = Arc::downgrade(&vm);
         let agent = TtrpcAgent::new(
@@ -420,6 +441,7 @@ impl Sandbox {
         );
         let mut sandbox = Sandbox::new(id, dir, staging, Arc::new(agent), vm, timeouts.kill_grace);
         sandbox._guest_log = Some(guest_log);
+        sandbox._port_forward = port_forward;
         sandbox.restored = restored;
         if let Err(e) = sandbox.create_guest_sandbox(pod, net.as_ref()).await {
             sandbox.stop_vm().await;

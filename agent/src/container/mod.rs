@@ -414,6 +414,9 @@ impl Containers {
                 prepared.terminal, requested.terminal
             )));
         }
+        // The VM's namespaces are the pod's: its sysctls are set there.
+        crate::sysctl::apply(std::path::Path::new("/proc/sys"), &prepared.vm_sysctls)
+            .map_err(|e| Error::InvalidArgument(format!("container {id}: {e}")))?;
         let bundle = self.layout.bundle(&id);
         let json = serde_json::to_vec(&prepared.spec)
             .map_err(|e| Error::Internal(format!("serialize spec: {e}")))?;

@@ -11,8 +11,11 @@
 //!   [`LOG_VSOCK_PORT`] (not protobuf: one line per event).
 //! - [`stdio`]: the header that opens a process's stdio stream on
 //!   [`AGENT_IO_VSOCK_PORT`].
+//! - [`forward`]: the header that opens a port-forward stream on
+//!   [`AGENT_IO_VSOCK_PORT`].
 //! - [`ids`]: what a sandbox, container or exec id may be.
 
+pub mod forward;
 pub mod ids;
 pub mod logline;
 pub mod stdio;
