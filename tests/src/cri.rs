@@ -19,14 +19,15 @@ use futures_util::{SinkExt, StreamExt};
 use hyper_util::rt::TokioIo;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
-    ContainerConfig, ContainerMetadata, ContainerState, ContainerStats, ContainerStatsRequest,
-    ContainerStatus, ContainerStatusRequest, CreateContainerRequest, ExecRequest, ExecSyncRequest,
-    ExecSyncResponse, ImageSpec, LinuxContainerConfig, LinuxContainerResources,
-    LinuxContainerSecurityContext, LinuxPodSandboxConfig, LinuxSandboxSecurityContext,
-    ListContainersRequest, ListPodSandboxRequest, Mount, NamespaceMode, NamespaceOption,
-    PodSandboxConfig, PodSandboxMetadata, PodSandboxStatusRequest, PodSandboxStatusResponse,
-    RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest,
-    StatusRequest, StopContainerRequest, StopPodSandboxRequest, UpdateContainerResourcesRequest,
+    AttachRequest, ContainerConfig, ContainerMetadata, ContainerState, ContainerStats,
+    ContainerStatsRequest, ContainerStatus, ContainerStatusRequest, CreateContainerRequest,
+    ExecRequest, ExecSyncRequest, ExecSyncResponse, ImageSpec, LinuxContainerConfig,
+    LinuxContainerResources, LinuxContainerSecurityContext, LinuxPodSandboxConfig,
+    LinuxSandboxSecurityContext, ListContainersRequest, ListPodSandboxRequest, Mount,
+    NamespaceMode, NamespaceOption, PodSandboxConfig, PodSandboxMetadata, PodSandboxStatusRequest,
+    PodSandboxStatusResponse, PortForwardRequest, RemoveContainerRequest, RemovePodSandboxRequest,
+    ReopenContainerLogRequest, RunPodSandboxRequest, StartContainerRequest, StatusRequest,
+    StopContainerRequest, StopPodSandboxRequest, UpdateContainerResourcesRequest,
 };
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
@@ -158,7 +159,32 @@ pub struct ExecOutput {
     pub exit_code: Option<i32>,
     /// The subprotocol the server chose.
     pub protocol: String,
+    /// What the server sent on channel 0 (port-forward's data channel).
+    pub stdin_channel: String,
 }
+
+/// The paths kubelet masks in every unprivileged container.
+const KUBELET_MASKED_PATHS: &[&str] = &[
+    "/proc/asound",
+    "/proc/acpi",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+];
+/// The paths kubelet makes read-only in every unprivileged container.
+const KUBELET_READONLY_PATHS: &[&str] = &[
+    "/proc/asound",
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+];
 
 /// The namespaces kubelet asks for by default: the pod's network and IPC,
 /// a PID namespace per container.
@@ -232,6 +258,8 @@ fn conflist(name: &str, ipam_dir: &Path) -> String {
                     "dataDir": ipam_dir,
                 }
             },
+            // Host ports (hostPort in a pod spec) as DNAT rules.
+            {"type": "portmap", "capabilities": {"portMappings": true}},
             {"type": "loopback"}
         ]
     })
@@ -537,7 +565,8 @@ impl Cri {
     }
 
     /// A container config: `command` in the busybox test image, its log at
-    /// `<pod log dir>/<name>.log`, the default namespaces.
+    /// `<pod log dir>/<name>.log`, the default namespaces, masked and
+    /// read-only paths.
     pub fn container_config(&self, name: &str, command: &[&str]) -> ContainerConfig {
         ContainerConfig {
             metadata: Some(ContainerMetadata {
@@ -554,6 +583,13 @@ impl Cri {
                 resources: None,
                 security_context: Some(LinuxContainerSecurityContext {
                     namespace_options: Some(namespace_options()),
+                    // kubelet always sends its defaults (containerd applies
+                    // none of its own when the lists are empty).
+                    masked_paths: KUBELET_MASKED_PATHS.iter().map(|p| p.to_string()).collect(),
+                    readonly_paths: KUBELET_READONLY_PATHS
+                        .iter()
+                        .map(|p| p.to_string())
+                        .collect(),
                     ..Default::default()
                 }),
             }),
@@ -652,21 +688,131 @@ impl Cri {
                 }),
             )
             .url;
+        self.streamed(&url, stdin, None, &format!("exec {cmd:?}"))
+    }
+
+    /// Exec on a terminal (`kubectl exec -t -i`): stdin is attached but
+    /// nothing is sent on it; the output is the terminal's.
+    pub fn exec_tty(&self, id: &str, cmd: &[&str]) -> ExecOutput {
+        let mut c = self.client.clone();
+        let url = self
+            .call(
+                "Exec",
+                call_timeout(),
+                c.exec(ExecRequest {
+                    container_id: id.to_string(),
+                    cmd: cmd.iter().map(|s| s.to_string()).collect(),
+                    tty: true,
+                    stdin: true,
+                    stdout: true,
+                    stderr: false,
+                }),
+            )
+            .url;
+        self.streamed(&url, None, None, &format!("exec -t {cmd:?}"))
+    }
+
+    /// Attach (`kubectl attach -i`) to a container created with stdin:
+    /// sends `stdin` once and hangs up when the output holds `until`.
+    pub fn attach(&self, id: &str, stdin: &[u8], until: &str) -> ExecOutput {
+        let mut c = self.client.clone();
+        let url = self
+            .call(
+                "Attach",
+                call_timeout(),
+                c.attach(AttachRequest {
+                    container_id: id.to_string(),
+                    stdin: true,
+                    tty: false,
+                    stdout: true,
+                    stderr: true,
+                }),
+            )
+            .url;
+        self.streamed(&url, Some(stdin), Some(until), &format!("attach {id}"))
+    }
+
+    /// PortForward (`kubectl port-forward`) to `port` of `pod`, over the
+    /// streaming server's WebSocket protocol (`?port=`, channel 0 data, 1
+    /// errors, each opened by the port as two little-endian bytes): sends
+    /// `request` and hangs up when the reply holds `until` (or the server
+    /// ends it). The reply, and what came on the error channel.
+    pub fn port_forward(
+        &self,
+        pod: &Pod,
+        port: u16,
+        request: &[u8],
+        until: &str,
+    ) -> (String, String) {
+        let mut c = self.client.clone();
+        let url = self
+            .call(
+                "PortForward",
+                call_timeout(),
+                c.port_forward(PortForwardRequest {
+                    pod_sandbox_id: pod.id.clone(),
+                    port: vec![i32::from(port)],
+                }),
+            )
+            .url;
+        let url = format!("{url}?port={port}");
+        let out = self.streamed(
+            &url,
+            Some(request),
+            Some(until),
+            &format!("port-forward {port}"),
+        );
+        let strip = |s: &str| {
+            let prefix = String::from_utf8_lossy(&port.to_le_bytes()).into_owned();
+            s.strip_prefix(prefix.as_str()).unwrap_or(s).to_string()
+        };
+        // Channel 0 is the data (read as "stdin" by the exec framing), 1 the
+        // errors ("stdout").
+        (strip(&out.stdin_channel), strip(&out.stdout))
+    }
+
+    /// ReopenContainerLog: containerd reopens the container's log file.
+    pub fn reopen_log(&self, id: &str) {
+        let mut c = self.client.clone();
+        self.call(
+            "ReopenContainerLog",
+            call_timeout(),
+            c.reopen_container_log(ReopenContainerLogRequest {
+                container_id: id.to_string(),
+            }),
+        );
+    }
+
+    fn streamed(
+        &self,
+        url: &str,
+        stdin: Option<&[u8]>,
+        until: Option<&str>,
+        what: &str,
+    ) -> ExecOutput {
         let streamed = self.rt.block_on(async {
-            tokio::time::timeout(call_timeout(), self.stream_exec(&url, stdin)).await
+            tokio::time::timeout(call_timeout(), self.stream(url, stdin, until)).await
         });
         match streamed {
             Ok(Ok(out)) => out,
-            Ok(Err(e)) => panic!("exec {cmd:?} via {url}: {e}\n{}", self.diagnostics()),
+            Ok(Err(e)) => panic!("{what} via {url}: {e}\n{}", self.diagnostics()),
             Err(_) => panic!(
-                "exec {cmd:?} via {url}: no end within {:?}\n{}",
+                "{what} via {url}: no end within {:?}\n{}",
                 call_timeout(),
                 self.diagnostics()
             ),
         }
     }
 
-    async fn stream_exec(&self, url: &str, stdin: Option<&[u8]>) -> Result<ExecOutput, String> {
+    /// A streaming-server request as WebSocket with `v4.channel.k8s.io`:
+    /// `stdin` sent once on channel 0; frames collected per channel until
+    /// the server ends the stream, or channels 0 or 1 hold `until`.
+    async fn stream(
+        &self,
+        url: &str,
+        stdin: Option<&[u8]>,
+        until: Option<&str>,
+    ) -> Result<ExecOutput, String> {
         let uri: Uri = url.parse().map_err(|e| format!("bad URL {url}: {e}"))?;
         let authority = uri
             .authority()
@@ -727,10 +873,15 @@ impl Cri {
             };
             let text = String::from_utf8_lossy(payload);
             match stream {
+                0 => out.stdin_channel.push_str(&text),
                 1 => out.stdout.push_str(&text),
                 2 => out.stderr.push_str(&text),
                 3 => out.error.push_str(&text),
                 _ => {}
+            }
+            if until.is_some_and(|u| out.stdout.contains(u) || out.stdin_channel.contains(u)) {
+                let _ = ws.close(None).await;
+                break;
             }
         }
         out.exit_code = exit_code_of_status(&out.error);
@@ -1219,6 +1370,7 @@ mod tests {
         assert_eq!(list["plugins"][0]["type"], "bridge");
         assert_eq!(list["plugins"][0]["bridge"], BRIDGE);
         assert_eq!(list["plugins"][0]["ipam"]["dataDir"], "/tmp/x/ipam");
-        assert_eq!(list["plugins"][1]["type"], "loopback");
+        assert_eq!(list["plugins"][1]["type"], "portmap");
+        assert_eq!(list["plugins"][2]["type"], "loopback");
     }
 }

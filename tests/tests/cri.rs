@@ -34,6 +34,16 @@ const MY_CPU_MAX_SH: &str =
 /// without a handler would ignore it).
 const UNTIL_TERM_SH: &str = "trap 'exit 0' TERM; sleep 2147483647 & wait";
 
+/// What a container under a security context prints of it (c3): uid, gid,
+/// whether its rootfs is writable, its bounding set, no_new_privs, seccomp
+/// mode, the size of /proc/timer_list (0 when masked: runc and husk bind
+/// /dev/null over it; unmasked, it is root-only: the read fails, prints
+/// nothing).
+const SECURITY_PROBE_SH: &str = "id -u; id -g; \
+     (touch /rootfs-write) 2>/dev/null && echo rootfs-writable || echo rootfs-read-only; \
+     grep ^CapBnd: /proc/self/status; grep ^NoNewPrivs: /proc/self/status; \
+     grep ^Seccomp: /proc/self/status; wc -c < /proc/timer_list; echo bye; exit 7";
+
 /// Doubles a string until the memory cgroup kills it. User-space copies
 /// only: on nested KVM every guest syscall and page copy is emulated, so
 /// reading /dev/zero would take minutes.
@@ -85,6 +95,36 @@ fn host_boot_id() -> String {
         .to_string()
 }
 
+/// The nameserver, search domain and host port the `lifecycle` pod asks for.
+const POD_NAMESERVER: &str = "10.88.0.53";
+const POD_SEARCH: &str = "husk.test";
+const POD_HOST_PORT: u16 = 30081;
+/// Where c1 serves its config volume over HTTP (busybox httpd).
+const C1_HTTP_PORT: u16 = 8081;
+
+/// The `lifecycle` pod as kubelet sends it for a pod with DNS settings, a
+/// namespaced sysctl and a hostPort.
+fn lifecycle_pod_config(cri: &Cri) -> k8s_cri::v1::PodSandboxConfig {
+    let mut config = cri.pod_config("lifecycle");
+    config.dns_config = Some(k8s_cri::v1::DnsConfig {
+        servers: vec![POD_NAMESERVER.into()],
+        searches: vec![POD_SEARCH.into()],
+        options: vec!["ndots:2".into()],
+    });
+    config.port_mappings = vec![k8s_cri::v1::PortMapping {
+        protocol: k8s_cri::v1::Protocol::Tcp as i32,
+        container_port: i32::from(C1_HTTP_PORT),
+        host_port: i32::from(POD_HOST_PORT),
+        host_ip: String::new(),
+    }];
+    if let Some(linux) = config.linux.as_mut() {
+        linux
+            .sysctls
+            .insert("kernel.shm_rmid_forced".into(), "1".into());
+    }
+    config
+}
+
 /// Two pods on one bridge, as kubelet drives them: `lifecycle` (default
 /// size) holds every per-container check and serves TCP to `client`, which
 /// declares pod-level resources (for husk they size its VM). Then both are
@@ -101,7 +141,7 @@ fn pods(handler: &str) {
     let pod_cgroup =
         PodCgroup::with_cpu_limit(&format!("husk-test-{handler}-{}", std::process::id()), 500);
     let before = cri.host_snapshot();
-    let pod = cri.run_pod(&cri.pod_config("lifecycle"), handler);
+    let pod = cri.run_pod(&lifecycle_pod_config(&cri), handler);
     clock.mark("RunPodSandbox (default size)");
     let mut sized = cri.pod_config("client");
     if let Some(linux) = sized.linux.as_mut() {
@@ -379,7 +419,10 @@ fn pod_lifecycle(cri: &Cri, pod: &Pod, handler: &str, clock: &mut Clock) {
         "pod IP {ip:?} is not from the bridge's subnet {POD_SUBNET_PREFIX}0/24"
     );
 
-    let mut c1_config = cri.container_config("c1", &["sh", "-c", UNTIL_TERM_SH]);
+    // c1 also serves its config volume over HTTP (for port-forward and the
+    // host port); httpd puts itself in the background.
+    let c1_sh = format!("httpd -p {C1_HTTP_PORT} -h /etc/config || exit 9; {UNTIL_TERM_SH}");
+    let mut c1_config = cri.container_config("c1", &["sh", "-c", &c1_sh]);
     c1_config.mounts = vec![
         mount(&shared, "/data", false),
         mount(&ro, "/ro", true),
@@ -387,7 +430,10 @@ fn pod_lifecycle(cri: &Cri, pod: &Pod, handler: &str, clock: &mut Clock) {
     ];
     let c1 = cri.run_container(pod, &c1_config);
     clock.mark("first container created and started");
-    let mut c2_config = cri.container_config("c2", &["sleep", "2147483647"]);
+    // c2 echoes its stdin (for attach); as PID 1 without a handler it
+    // ignores SIGTERM.
+    let mut c2_config = cri.container_config("c2", &["cat"]);
+    c2_config.stdin = true;
     c2_config.mounts = vec![mount(&shared, "/data", false)];
     let c2 = cri.run_container(pod, &c2_config);
     clock.mark("second container created and started");
@@ -399,9 +445,37 @@ fn pod_lifecycle(cri: &Cri, pod: &Pod, handler: &str, clock: &mut Clock) {
         "-c",
         "uname -r; cat /proc/sys/kernel/random/boot_id; hostname",
     ];
-    let seen1: Vec<String> = cri.exec_ok(&c1, &probe).lines().map(String::from).collect();
+    // c1 also shows the pod's sysctl, that /proc/sys is read-only to it,
+    // and the pod's DNS config.
+    let probe1 = [
+        "sh",
+        "-c",
+        "uname -r; cat /proc/sys/kernel/random/boot_id; hostname; \
+         cat /proc/sys/kernel/shm_rmid_forced; \
+         (echo 0 > /proc/sys/kernel/shm_rmid_forced) 2>/dev/null && echo proc-sys-writable \
+           || echo proc-sys-read-only; \
+         cat /etc/resolv.conf",
+    ];
+    let seen1: Vec<String> = cri
+        .exec_ok(&c1, &probe1)
+        .lines()
+        .map(String::from)
+        .collect();
     let seen2: Vec<String> = cri.exec_ok(&c2, &probe).lines().map(String::from).collect();
-    assert_eq!(seen1.len(), 3, "{seen1:?}");
+    assert!(seen1.len() > 5, "{seen1:?}");
+    assert_eq!(seen1[3], "1", "the pod's sysctl kernel.shm_rmid_forced");
+    assert_eq!(seen1[4], "proc-sys-read-only");
+    let resolv = seen1[5..].join("\n");
+    for line in [
+        format!("nameserver {POD_NAMESERVER}"),
+        format!("search {POD_SEARCH}"),
+        "options ndots:2".to_string(),
+    ] {
+        assert!(
+            resolv.contains(&line),
+            "resolv.conf lacks {line:?}: {resolv}"
+        );
+    }
     assert_eq!(seen1[0], expected_kernel(handler), "uname -r in c1");
     assert_eq!(
         seen2.first(),
@@ -423,7 +497,7 @@ fn pod_lifecycle(cri: &Cri, pod: &Pod, handler: &str, clock: &mut Clock) {
         Some("lifecycle"),
         "c2's hostname"
     );
-    clock.mark("kernel, boot id and hostname in both (2 ExecSync)");
+    clock.mark("kernel, boot id, hostname, sysctl, read-only /proc/sys, DNS (2 ExecSync)");
 
     // The read-write volume is shared by both containers and the host.
     let from_host = cri.exec_ok(
@@ -493,6 +567,50 @@ fn pod_lifecycle(cri: &Cri, pod: &Pod, handler: &str, clock: &mut Clock) {
     );
     clock.mark("2 execs through the streaming server");
 
+    // kubectl exec -t -i: a terminal, stdin attached but idle.
+    let out = cri.exec_tty(&c1, &["echo", "hello-tty"]);
+    assert!(out.stdout.contains("hello-tty"), "{out:?}");
+    assert_eq!(out.exit_code, Some(0), "{out:?}");
+    // kubectl attach -i: c2 (cat) echoes what arrives on its stdin.
+    let out = cri.attach(&c2, b"attached-hello\n", "attached-hello");
+    assert!(out.stdout.contains("attached-hello"), "{out:?}");
+    clock.mark("a terminal exec and an attach");
+
+    // kubectl port-forward to c1's HTTP server, and the pod's host port
+    // (the portmap CNI plugin's DNAT) from the node.
+    let get = b"GET /app.conf HTTP/1.0\r\n\r\n";
+    let (reply, errors) = cri.port_forward(pod, C1_HTTP_PORT, get, "key=value");
+    assert!(
+        reply.contains("200 OK") && reply.contains("key=value"),
+        "port-forward reply {reply:?}, errors {errors:?}\n{}",
+        cri.diagnostics()
+    );
+    let reply = http_get_from_node(cri, &format!("{BRIDGE_IP}:{POD_HOST_PORT}"), "/app.conf");
+    assert!(reply.contains("key=value"), "host port reply {reply:?}");
+    clock.mark("port-forward and a host port");
+
+    // Log rotation as kubelet does it: rename, ReopenContainerLog, and
+    // what the container writes next lands in a new file.
+    let c1_log = std::path::Path::new(&pod.config.log_directory).join("c1.log");
+    let rotated = c1_log.with_extension("log.1");
+    std::fs::rename(&c1_log, &rotated).unwrap();
+    cri.reopen_log(&c1);
+    cri.exec_ok(&c1, &["sh", "-c", "echo after-reopen > /proc/1/fd/1"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cri.container_log(pod, "c1").contains("after-reopen") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        cri.container_log(pod, "c1")
+            .contains(" stdout F after-reopen"),
+        "the reopened log: {:?}",
+        cri.container_log(pod, "c1")
+    );
+    assert!(!std::fs::read_to_string(&rotated)
+        .unwrap()
+        .contains("after-reopen"));
+    clock.mark("log reopened (1 ExecSync)");
+
     // ContainerStats: real numbers.
     let stats = cri.container_stats(&c1);
     assert_eq!(
@@ -527,16 +645,58 @@ fn pod_lifecycle(cri: &Cri, pod: &Pod, handler: &str, clock: &mut Clock) {
     clock.mark("UpdateContainerResources (+2 ExecSync)");
 
     // A container that exits: its code in ContainerStatus, its output in
-    // the CRI log.
-    let c3 = cri.run_container(
-        pod,
-        &cri.container_config("c3", &["sh", "-c", "echo bye; exit 7"]),
-    );
+    // the CRI log. It runs under a restrictive security context, and
+    // prints what it got: user and group, a read-only rootfs, a bounding
+    // set of NET_RAW alone, no_new_privs, the runtime's default seccomp
+    // profile, /proc/timer_list masked.
+    let mut c3_config = cri.container_config("c3", &["sh", "-c", SECURITY_PROBE_SH]);
+    if let Some(sc) = c3_config
+        .linux
+        .as_mut()
+        .and_then(|l| l.security_context.as_mut())
+    {
+        sc.run_as_user = Some(k8s_cri::v1::Int64Value { value: 1000 });
+        sc.run_as_group = Some(k8s_cri::v1::Int64Value { value: 1000 });
+        sc.readonly_rootfs = true;
+        sc.no_new_privs = true;
+        sc.capabilities = Some(k8s_cri::v1::Capability {
+            add_capabilities: vec!["NET_RAW".into()],
+            drop_capabilities: vec!["ALL".into()],
+            add_ambient_capabilities: vec![],
+        });
+        sc.seccomp = Some(k8s_cri::v1::SecurityProfile {
+            profile_type: k8s_cri::v1::security_profile::ProfileType::RuntimeDefault as i32,
+            localhost_ref: String::new(),
+        });
+    }
+    let c3 = cri.run_container(pod, &c3_config);
     let status = cri.wait_exited(&c3, op_timeout());
-    assert_eq!(status.exit_code, 7, "{status:?}");
+    assert_eq!(
+        status.exit_code,
+        7,
+        "{status:?}\n{}",
+        cri.container_log(pod, "c3")
+    );
     let log = cri.container_log(pod, "c3");
-    assert!(log.contains(" stdout F bye"), "c3's log: {log:?}");
-    clock.mark("a container that exits 7");
+    let printed: Vec<&str> = log
+        .lines()
+        .filter_map(|l| l.split_once(" stdout F ").map(|(_, text)| text))
+        .collect();
+    assert_eq!(
+        printed,
+        [
+            "1000",
+            "1000",
+            "rootfs-read-only",
+            "CapBnd:\t0000000000002000",
+            "NoNewPrivs:\t1",
+            "Seccomp:\t2",
+            "0",
+            "bye"
+        ],
+        "c3's log: {log:?}"
+    );
+    clock.mark("a container under a security context that exits 7");
 
     // A container over its memory limit is OOMKilled.
     let mut oom_config = cri.container_config("oom", &["awk", OOM_AWK]);
@@ -726,4 +886,28 @@ fn assert_read_but_not_written(r: &ExecSyncResponse, expected: &str, volume: &st
         "{:?}",
         String::from_utf8_lossy(&r.stderr)
     );
+}
+
+/// The bridge's address: the pods' gateway, the node's side of the bridge.
+const BRIDGE_IP: &str = "10.88.0.1";
+
+/// An HTTP/1.0 GET of `path` from `addr`, made from the node (the test's
+/// network namespace); the whole reply.
+fn http_get_from_node(cri: &Cri, addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let reply = cri.netns.connect_tcp(addr).and_then(|mut tcp| {
+            tcp.set_read_timeout(Some(Duration::from_secs(60)))?;
+            write!(tcp, "GET {path} HTTP/1.0\r\n\r\n")?;
+            let mut reply = String::new();
+            tcp.read_to_string(&mut reply)?;
+            Ok(reply)
+        });
+        match reply {
+            Ok(reply) if !reply.is_empty() => return reply,
+            _ if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(500)),
+            other => return format!("{other:?}"),
+        }
+    }
 }
