@@ -316,13 +316,29 @@ impl Sandbox {
         })();
         let booted = async {
             let staging = prepared?;
+            // The template of this shape, built first if there is none,
+            // before joining the pod's cgroup: a template is the node's,
+            // shared by every pod of its shape, and its boot must not run
+            // under one pod's CPU limit.
+            let template = match config.hypervisor.template {
+                husk_config::TemplatePolicy::Auto => {
+                    Some(crate::template::ensure(config, &vm_config).await)
+                }
+                husk_config::TemplatePolicy::Off => None,
+            };
             // Before the VM exists, so all of it (threads, guest RAM) is
             // charged to the pod.
             let cgroup = match &pod.cgroups_path {
                 Some(path) => Some(HostCgroup::join(path)?),
                 None => None,
             };
-            match Self::boot_in(config, id, dir.clone(), staging, vm_config, pod, net).await {
+            let launch = Launch {
+                dir: dir.clone(),
+                staging,
+                vm_config,
+                template,
+            };
+            match Self::boot_in(config, id, launch, pod, net).await {
                 Ok(mut sandbox) => {
                     sandbox.cgroup = cgroup;
                     Ok(sandbox)
@@ -345,12 +361,16 @@ impl Sandbox {
     async fn boot_in(
         config: &Config,
         id: &str,
-        dir: PathBuf,
-        staging: Beneath,
-        vm_config: VmConfig,
+        launch: Launch,
         pod: &PodInfo,
         net: Option<PodNetwork>,
     ) -> Result<Sandbox, SandboxError> {
+        let Launch {
+            dir,
+            staging,
+            vm_config,
+            template,
+        } = launch;
         let vsock_uds = vsock_socket(&dir);
         // A previous shim of this sandbox that crashed may have left these.
         for stale in [
@@ -369,7 +389,7 @@ impl Sandbox {
         )
         .map_err(io_err(&vsock_uds))?;
 
-        let (vm, restored) = start_vm(config, id, vm_config).await?;
+        let (vm, restored) = start_vm(id, vm_config, template).await?;
         let stats = vm.vmm_stats();
         let timeouts = config
             .agent
@@ -542,13 +562,24 @@ fn host_entropy() -> std::io::Result<Vec<u8>> {
 
 /// The VM for a sandbox: restored from its shape's template when templates
 /// are on and one can be had, booted otherwise. Says which.
+/// What a sandbox's VM is started from.
+struct Launch {
+    dir: PathBuf,
+    staging: Beneath,
+    vm_config: VmConfig,
+    /// The shape's template (`None`: templates are off).
+    template: Option<Result<crate::template::Template, crate::template::TemplateError>>,
+}
+
+/// Restores the VM from `template` or, without one, boots it; `true` if
+/// restored.
 async fn start_vm(
-    config: &Config,
     id: &str,
     vm_config: VmConfig,
+    template: Option<Result<crate::template::Template, crate::template::TemplateError>>,
 ) -> Result<(Vm, bool), SandboxError> {
-    if config.hypervisor.template == husk_config::TemplatePolicy::Auto {
-        match crate::template::ensure(config, &vm_config).await {
+    if let Some(template) = template {
+        match template {
             Ok(template) => {
                 let (restore_config, from) = (vm_config.clone(), template.clone());
                 let restored = tokio::task::spawn_blocking(move || {
