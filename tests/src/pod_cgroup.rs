@@ -31,11 +31,16 @@ fn v1_root_with(file: &str) -> Option<PathBuf> {
 impl PodCgroup {
     /// A pod cgroup limited to `millicores` of CPU.
     pub fn with_cpu_limit(name: &str, millicores: u64) -> PodCgroup {
-        let period: u64 = 100_000;
-        let quota = period * millicores / 1000;
+        let cgroup = PodCgroup::unlimited(name);
+        cgroup.set_cpu_limit(millicores);
+        cgroup
+    }
+
+    /// A pod cgroup with no CPU limit (yet: [`PodCgroup::set_cpu_limit`]).
+    pub fn unlimited(name: &str) -> PodCgroup {
         let parent = format!("/{name}");
         let v2 = Path::new(CGROUP_ROOT).join("cgroup.controllers").exists();
-        let cpu_dir = if v2 {
+        let (cpu_dir, acct_dir) = if v2 {
             let dir = Path::new(CGROUP_ROOT).join(name);
             std::fs::create_dir_all(&dir).unwrap();
             std::fs::write(
@@ -43,25 +48,33 @@ impl PodCgroup {
                 "+cpu",
             )
             .unwrap();
-            std::fs::write(dir.join("cpu.max"), format!("{quota} {period}")).unwrap();
             (dir.clone(), dir)
         } else {
             let root = v1_root_with("cpu.cfs_quota_us").expect("no cgroup v1 cpu controller");
             let dir = root.join(name);
             std::fs::create_dir_all(&dir).unwrap();
-            std::fs::write(dir.join("cpu.cfs_period_us"), period.to_string()).unwrap();
-            std::fs::write(dir.join("cpu.cfs_quota_us"), quota.to_string()).unwrap();
             let acct = v1_root_with("cpuacct.usage").expect("no cgroup v1 cpuacct controller");
             let acct_dir = acct.join(name);
             std::fs::create_dir_all(&acct_dir).unwrap();
             (dir, acct_dir)
         };
-        let (cpu_dir, acct_dir) = cpu_dir;
         PodCgroup {
             parent,
             cpu_dir,
             acct_dir,
             v2,
+        }
+    }
+
+    /// Limits the pod cgroup to `millicores` of CPU (a CFS quota).
+    pub fn set_cpu_limit(&self, millicores: u64) {
+        let period: u64 = 100_000;
+        let quota = period * millicores / 1000;
+        if self.v2 {
+            std::fs::write(self.cpu_dir.join("cpu.max"), format!("{quota} {period}")).unwrap();
+        } else {
+            std::fs::write(self.cpu_dir.join("cpu.cfs_period_us"), period.to_string()).unwrap();
+            std::fs::write(self.cpu_dir.join("cpu.cfs_quota_us"), quota.to_string()).unwrap();
         }
     }
 
