@@ -85,6 +85,7 @@ packages=(
     libseccomp-dev pkg-config                                       # agent (static libseccomp)
     qemu-system-x86                                                 # side-by-side benchmarks
     containerd runc containernetworking-plugins iproute2            # containerd / CRI tests
+    iptables                                                        # port-forward, portmap
     protobuf-compiler busybox-static                                # CRI protos, test images
 )
 
