@@ -673,43 +673,33 @@ impl Cri {
     /// `stdin`, if given, is sent once; v4 cannot close stdin, so the command
     /// must end by itself.
     pub fn exec(&self, id: &str, cmd: &[&str], stdin: Option<&[u8]>) -> ExecOutput {
-        let mut c = self.client.clone();
-        let url = self
-            .call(
-                "Exec",
-                call_timeout(),
-                c.exec(ExecRequest {
-                    container_id: id.to_string(),
-                    cmd: cmd.iter().map(|s| s.to_string()).collect(),
-                    tty: false,
-                    stdin: stdin.is_some(),
-                    stdout: true,
-                    stderr: true,
-                }),
-            )
-            .url;
+        let url = self.exec_url(id, cmd, false, stdin.is_some());
         self.streamed(&url, stdin, None, &format!("exec {cmd:?}"))
     }
 
     /// Exec on a terminal (`kubectl exec -t -i`): stdin is attached but
     /// nothing is sent on it; the output is the terminal's.
     pub fn exec_tty(&self, id: &str, cmd: &[&str]) -> ExecOutput {
-        let mut c = self.client.clone();
-        let url = self
-            .call(
-                "Exec",
-                call_timeout(),
-                c.exec(ExecRequest {
-                    container_id: id.to_string(),
-                    cmd: cmd.iter().map(|s| s.to_string()).collect(),
-                    tty: true,
-                    stdin: true,
-                    stdout: true,
-                    stderr: false,
-                }),
-            )
-            .url;
+        let url = self.exec_url(id, cmd, true, true);
         self.streamed(&url, None, None, &format!("exec -t {cmd:?}"))
+    }
+
+    /// The streaming URL of an `Exec` (with a terminal, no separate stderr).
+    fn exec_url(&self, id: &str, cmd: &[&str], tty: bool, stdin: bool) -> String {
+        let mut c = self.client.clone();
+        self.call(
+            "Exec",
+            call_timeout(),
+            c.exec(ExecRequest {
+                container_id: id.to_string(),
+                cmd: cmd.iter().map(|s| s.to_string()).collect(),
+                tty,
+                stdin,
+                stdout: true,
+                stderr: !tty,
+            }),
+        )
+        .url
     }
 
     /// Attach (`kubectl attach -i`) to a container created with stdin:
