@@ -560,49 +560,50 @@ fn host_entropy() -> std::io::Result<Vec<u8>> {
     Ok(bytes)
 }
 
-/// The VM for a sandbox: restored from its shape's template when templates
-/// are on and one can be had, booted otherwise. Says which.
+/// A shape's template, or why there is none (`None` in its place: templates
+/// are off).
+type TemplateLookup = Result<crate::template::Template, crate::template::TemplateError>;
+
 /// What a sandbox's VM is started from.
 struct Launch {
     dir: PathBuf,
     staging: Beneath,
     vm_config: VmConfig,
-    /// The shape's template (`None`: templates are off).
-    template: Option<Result<crate::template::Template, crate::template::TemplateError>>,
+    template: Option<TemplateLookup>,
 }
 
-/// Restores the VM from `template` or, without one, boots it; `true` if
-/// restored.
+/// The VM for a sandbox: restored from its shape's template when there is
+/// one, booted otherwise (or when the restore is refused). Says which;
+/// `true` if restored.
 async fn start_vm(
     id: &str,
     vm_config: VmConfig,
-    template: Option<Result<crate::template::Template, crate::template::TemplateError>>,
+    template: Option<TemplateLookup>,
 ) -> Result<(Vm, bool), SandboxError> {
-    if let Some(template) = template {
-        match template {
-            Ok(template) => {
-                let (restore_config, from) = (vm_config.clone(), template.clone());
-                let restored = tokio::task::spawn_blocking(move || {
-                    Vm::restore(&restore_config, &from.dir, &from.identity)
-                })
-                .await
-                .map_err(|e| SandboxError::Agent(format!("VM restore task failed: {e}")))?;
-                match restored {
-                    Ok(vm) => return Ok((vm, true)),
-                    Err(e @ VmError::Restore { .. }) => {
-                        tracing::warn!(sandbox = id, "{e}; discarding it and booting instead");
-                        template.discard();
-                    }
-                    Err(e) => return Err(e.into()),
+    match template {
+        Some(Ok(template)) => {
+            let (restore_config, from) = (vm_config.clone(), template.clone());
+            let restored = tokio::task::spawn_blocking(move || {
+                Vm::restore(&restore_config, &from.dir, &from.identity)
+            })
+            .await
+            .map_err(|e| SandboxError::Agent(format!("VM restore task failed: {e}")))?;
+            match restored {
+                Ok(vm) => return Ok((vm, true)),
+                Err(e @ VmError::Restore { .. }) => {
+                    tracing::warn!(sandbox = id, "{e}; discarding it and booting instead");
+                    template.discard();
                 }
-            }
-            Err(e) => {
-                tracing::warn!(
-                    sandbox = id,
-                    "no template for this VM shape ({e}); booting it"
-                );
+                Err(e) => return Err(e.into()),
             }
         }
+        Some(Err(e)) => {
+            tracing::warn!(
+                sandbox = id,
+                "no template for this VM shape ({e}); booting it"
+            );
+        }
+        None => {}
     }
     let vm = tokio::task::spawn_blocking(move || Vm::start(&vm_config))
         .await
