@@ -58,9 +58,26 @@ pub struct PodNetwork {
     pub routes: Vec<Route>,
 }
 
-/// A netlink handle whose socket lives in `netns`: the socket is created on
-/// a short-lived thread that entered the namespace (sockets keep the
-/// namespace they were created in), so this process's threads stay put.
+/// Runs `f` on a short-lived thread that entered the network namespace of
+/// `netns` (an open nsfs file): sockets keep the namespace they were created
+/// in, so this process's own threads stay where they are.
+pub(crate) fn on_thread_in<T: Send>(
+    netns: &File,
+    f: impl FnOnce() -> T + Send,
+) -> Result<T, String> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                nix::sched::setns(netns, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(|e| e.to_string())?;
+                Ok(f())
+            })
+            .join()
+            .map_err(|_| "the namespace thread panicked".to_string())?
+    })
+}
+
+/// A netlink handle whose socket lives in `netns` ([`on_thread_in`]).
 fn handle_in(netns: &Path) -> Result<Handle, NetworkError> {
     let err = |message: String| NetworkError::Netns {
         path: netns.to_path_buf(),
@@ -68,19 +85,13 @@ fn handle_in(netns: &Path) -> Result<Handle, NetworkError> {
     };
     let file = File::open(netns).map_err(|e| err(e.to_string()))?;
     let runtime = tokio::runtime::Handle::current();
-    let created = std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
-                    .map_err(|e| e.to_string())?;
-                // The socket registers with this runtime's reactor.
-                let _entered = runtime.enter();
-                rtnetlink::new_connection().map_err(|e| e.to_string())
-            })
-            .join()
-            .map_err(|_| "netlink thread panicked".to_string())?
-    });
-    let (connection, handle, _) = created.map_err(err)?;
+    let (connection, handle, _) = on_thread_in(&file, || {
+        // The socket registers with this runtime's reactor.
+        let _entered = runtime.enter();
+        rtnetlink::new_connection()
+    })
+    .map_err(err)?
+    .map_err(|e| err(e.to_string()))?;
     tokio::spawn(connection);
     Ok(handle)
 }

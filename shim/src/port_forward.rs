@@ -104,39 +104,21 @@ pub async fn start(netns: &Path, dialer: GuestDialer) -> Result<PortForwarder, P
     })
 }
 
-/// A listener on 127.0.0.1:0 whose socket lives in `netns`: created on a
-/// short-lived thread that entered it (a socket keeps the namespace it was
-/// made in), so the shim's own threads stay where they are.
+/// A listener on 127.0.0.1:0 whose socket lives in `netns`
+/// ([`crate::network::on_thread_in`]).
 fn listen_in(netns_file: &File, netns: &Path) -> Result<TcpListener, PortForwardError> {
-    let made = std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                nix::sched::setns(netns_file, nix::sched::CloneFlags::CLONE_NEWNET)
-                    .map_err(|e| Err(e.to_string()))?;
-                StdTcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(Ok)
-            })
-            .join()
-            .unwrap_or_else(|_| Err(Err("the namespace thread panicked".to_string())))
-    });
-    let std_listener = match made {
-        Ok(listener) => listener,
-        Err(Err(message)) => {
-            return Err(PortForwardError::Netns {
-                path: netns.to_path_buf(),
-                message,
-            })
-        }
-        Err(Ok(source)) => {
-            return Err(PortForwardError::Listen {
-                path: netns.to_path_buf(),
-                source,
-            })
-        }
-    };
     let listen_err = |source| PortForwardError::Listen {
         path: netns.to_path_buf(),
         source,
     };
+    let std_listener = crate::network::on_thread_in(netns_file, || {
+        StdTcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+    })
+    .map_err(|message| PortForwardError::Netns {
+        path: netns.to_path_buf(),
+        message,
+    })?
+    .map_err(listen_err)?;
     std_listener.set_nonblocking(true).map_err(listen_err)?;
     TcpListener::from_std(std_listener).map_err(listen_err)
 }
