@@ -14,20 +14,6 @@ use libcontainer::oci_spec::runtime::{LinuxBuilder, LinuxNamespaceType, Process,
 use crate::error::{Error, Result};
 use crate::sysctl;
 
-/// The OCI `linux.namespaces[].type` word of a namespace.
-fn namespace_oci_type(typ: LinuxNamespaceType) -> &'static str {
-    match typ {
-        LinuxNamespaceType::Mount => "mount",
-        LinuxNamespaceType::Cgroup => "cgroup",
-        LinuxNamespaceType::Uts => "uts",
-        LinuxNamespaceType::Ipc => "ipc",
-        LinuxNamespaceType::User => "user",
-        LinuxNamespaceType::Pid => "pid",
-        LinuxNamespaceType::Network => "network",
-        LinuxNamespaceType::Time => "time",
-    }
-}
-
 /// A spec ready for libcontainer, and what was taken out of it.
 pub struct ContainerSpec {
     pub spec: Spec,
@@ -67,11 +53,11 @@ pub fn container_spec(
     };
     // The host's cgroup path means nothing in the guest.
     linux.set_cgroups_path(Some(cgroups_path.to_path_buf()));
-    let own_namespaces: Vec<&str> = linux
+    let own_namespaces: Vec<LinuxNamespaceType> = linux
         .namespaces()
         .iter()
         .flatten()
-        .map(|ns| namespace_oci_type(ns.typ()))
+        .map(|ns| ns.typ())
         .collect();
     let mut sysctls = linux.sysctl().clone().unwrap_or_default();
     let vm_sysctls = sysctl::take_vm_sysctls(&mut sysctls, &own_namespaces);

@@ -13,6 +13,8 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use libcontainer::oci_spec::runtime::LinuxNamespaceType;
+
 use crate::error::{Error, Result};
 
 /// Namespaces a sysctl can belong to.
@@ -24,12 +26,12 @@ pub enum SysctlNamespace {
 }
 
 impl SysctlNamespace {
-    /// The OCI `linux.namespaces[].type` of this namespace.
-    fn oci_type(self) -> &'static str {
+    /// The spec's namespace type of this namespace.
+    fn spec_type(self) -> LinuxNamespaceType {
         match self {
-            SysctlNamespace::Ipc => "ipc",
-            SysctlNamespace::Uts => "uts",
-            SysctlNamespace::Network => "network",
+            SysctlNamespace::Ipc => LinuxNamespaceType::Ipc,
+            SysctlNamespace::Uts => LinuxNamespaceType::Uts,
+            SysctlNamespace::Network => LinuxNamespaceType::Network,
         }
     }
 }
@@ -61,16 +63,16 @@ pub fn namespace_of(name: &str) -> Option<SysctlNamespace> {
 }
 
 /// Takes out of `sysctls` those of a namespace not in `own_namespaces`
-/// (the OCI types the container creates): they are the VM's to set.
+/// (the namespaces the container creates): they are the VM's to set.
 /// Returned sorted by name, so they are applied in a stable order.
 pub fn take_vm_sysctls(
     sysctls: &mut HashMap<String, String>,
-    own_namespaces: &[&str],
+    own_namespaces: &[LinuxNamespaceType],
 ) -> Vec<(String, String)> {
     let vm_wide: Vec<String> = sysctls
         .keys()
         .filter(|name| {
-            namespace_of(name).is_some_and(|ns| !own_namespaces.contains(&ns.oci_type()))
+            namespace_of(name).is_some_and(|ns| !own_namespaces.contains(&ns.spec_type()))
         })
         .cloned()
         .collect();
@@ -157,7 +159,14 @@ mod tests {
         ]);
         // The container has an IPC namespace of its own: its IPC sysctls
         // are libcontainer's; network and UTS are the VM's.
-        let taken = take_vm_sysctls(&mut s, &["ipc", "mount", "pid"]);
+        let taken = take_vm_sysctls(
+            &mut s,
+            &[
+                LinuxNamespaceType::Ipc,
+                LinuxNamespaceType::Mount,
+                LinuxNamespaceType::Pid,
+            ],
+        );
         assert_eq!(
             taken,
             [
