@@ -19,6 +19,7 @@ pub mod layout;
 pub mod ledger;
 pub mod memory;
 pub mod metrics;
+pub mod profile;
 pub mod rate_limit;
 pub mod seccomp;
 pub mod snapshot;

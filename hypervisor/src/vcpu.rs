@@ -56,6 +56,8 @@ pub struct VcpuSample {
     pub rip: u64,
     pub user_mode: bool,
     pub interrupts_enabled: bool,
+    /// Stack pointer (for [`crate::profile`]).
+    pub rsp: u64,
 }
 
 impl std::fmt::Display for VcpuSample {
@@ -240,6 +242,7 @@ impl Vcpu {
             rip: regs.rip,
             user_mode: sregs.cs.dpl == 3,
             interrupts_enabled: regs.rflags & RFLAGS_IF != 0,
+            rsp: regs.rsp,
         });
     }
 

@@ -45,6 +45,19 @@ impl KvmVm {
     }
 }
 
+impl KvmVm {
+    /// One profile sample of every vCPU; none once the VM is gone.
+    pub fn profile_sample(
+        &self,
+        timeout: std::time::Duration,
+    ) -> Vec<husk_hypervisor::profile::ProfileSample> {
+        lock(&self.vm)
+            .as_ref()
+            .map(|vm| vm.profile_sample(timeout))
+            .unwrap_or_default()
+    }
+}
+
 #[async_trait]
 impl GuestVm for KvmVm {
     fn is_running(&self) -> bool {

@@ -14,6 +14,7 @@ mod fakes;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod guest_profile;
 pub mod guest_vm;
 pub mod io;
 pub mod kill;

@@ -451,7 +451,11 @@ impl Sandbox {
             }
             None => None,
         };
-        let vm: Arc<dyn GuestVm> = Arc::new(KvmVm::new(vm).map_err(io_err(&dir))?);
+        let vm = Arc::new(KvmVm::new(vm).map_err(io_err(&dir))?);
+        if let Some(out) = crate::guest_profile::requested(id) {
+            crate::guest_profile::start(Arc::downgrade(&vm), out);
+        }
+        let vm: Arc<dyn GuestVm> = vm;
         let diagnosed = Arc::downgrade(&vm);
         let agent = TtrpcAgent::new(
             client,

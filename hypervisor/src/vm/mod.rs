@@ -320,6 +320,22 @@ impl Vm {
         }
     }
 
+    /// One [`profile`](crate::profile) sample of every vCPU.
+    pub fn profile_sample(&self, timeout: Duration) -> Vec<crate::profile::ProfileSample> {
+        self.sample_vcpus(timeout)
+            .into_iter()
+            .map(|s| crate::profile::ProfileSample {
+                rip: s.rip,
+                user_mode: s.user_mode,
+                callers: if s.user_mode {
+                    Vec::new()
+                } else {
+                    crate::profile::kernel_callers(&self.mem, s.rsp)
+                },
+            })
+            .collect()
+    }
+
     /// What the guest is doing, in one line for errors and logs: where its
     /// vCPUs are, how much it did, and the last lines it printed.
     pub fn describe_guest(&self) -> String {
