@@ -65,6 +65,10 @@ struct Args {
     /// many seconds and report the host CPU the idle VM used meanwhile.
     #[arg(long, default_value_t = 0)]
     idle_secs: u64,
+    /// With --agent-check: sample where the guest's vCPUs are until the
+    /// check ends, into this file (read it with scripts/guest-profile.py).
+    #[arg(long, requires = "agent_check")]
+    profile: Option<PathBuf>,
     /// Write a JSON report of the VMM's own costs here on exit.
     #[arg(long)]
     report: Option<PathBuf>,
@@ -183,7 +187,12 @@ fn run(args: &Args, process_start: Instant) -> Result<ExitReason, String> {
             timeouts.boot_stall = timeouts.boot_stall.min(timeouts.boot_max);
         }
         let idle = Duration::from_secs(args.idle_secs);
-        let result = agent_check(&uds, &vm, &timeouts, idle, &mut report);
+        let result = match &args.profile {
+            Some(path) => profiled(&vm, path, || {
+                agent_check(&uds, &vm, &timeouts, idle, &mut report)
+            })?,
+            None => agent_check(&uds, &vm, &timeouts, idle, &mut report),
+        };
         report.rss_at_ready = metrics::rss_excluding(&vm.guest_memory_host_ranges()).ok();
         report.cpu_at_ready = Some(vmm_cpu(&vm));
         match result {
@@ -213,6 +222,28 @@ fn run(args: &Args, process_start: Instant) -> Result<ExitReason, String> {
 
 fn vmm_cpu(vm: &Vm) -> Duration {
     metrics::non_vcpu_thread_cpu() + vm.vmm_stats().exit_cpu
+}
+
+/// Runs `f` while a thread samples `vm` into `path`.
+fn profiled<T>(vm: &Vm, path: &std::path::Path, f: impl FnOnce() -> T) -> Result<T, String> {
+    let file = std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let sampler = scope.spawn(|| {
+            let mut out = std::io::BufWriter::new(file);
+            husk_hypervisor::profile::record(&mut out, || {
+                (!done.load(std::sync::atomic::Ordering::SeqCst))
+                    .then(|| vm.profile_sample(husk_hypervisor::profile::SAMPLE_TIMEOUT))
+            })
+        });
+        let result = f();
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        match sampler.join() {
+            Ok(Ok(())) => Ok(result),
+            Ok(Err(e)) => Err(format!("profile {}: {e}", path.display())),
+            Err(_) => Err("the profile thread panicked".into()),
+        }
+    })
 }
 
 /// Connects to the agent, prints its health answer and asks it to power off.
