@@ -44,11 +44,13 @@ def main():
     with open(sys.argv[2]) as f:
         for line in f:
             parts = line.split()
-            if len(parts) < 2:
+            try:
+                user = parts[1] == "1"
+                leaf = "<user>" if user else name(int(parts[0], 16))
+                callers = [name(int(a, 16)) for a in parts[2].split(",")] if len(parts) > 2 else []
+            except (IndexError, ValueError):
+                # The last line of a shim that exited mid-write.
                 continue
-            user = parts[1] == "1"
-            leaf = "<user>" if user else name(int(parts[0], 16))
-            callers = [name(int(a, 16)) for a in parts[2].split(",")] if len(parts) > 2 else []
             samples.append((leaf, callers))
     total = len(samples)
     if total == 0:
