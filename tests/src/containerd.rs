@@ -342,6 +342,17 @@ impl Containerd {
             .collect()
     }
 
+    /// The shim process of this containerd serving task `id` (`binary` is
+    /// e.g. `containerd-shim-husk-v2`): the server, not a `start`/`delete`
+    /// run. Another containerd's shim for a task of the same name (one
+    /// still stopping its VM, say) is not it.
+    pub fn shim_serving(&self, binary: &str, id: &str) -> Option<u32> {
+        let ours = self.shim_processes();
+        shim_pids(binary, id)
+            .into_iter()
+            .find(|pid| ours.contains(pid))
+    }
+
     /// Mount points anywhere under this containerd's temp dir (snapshots,
     /// CRI's netns and shm mounts) or husk's state dir.
     pub fn mounts(&self) -> Vec<String> {
@@ -367,12 +378,20 @@ impl Containerd {
 /// The shim process serving task `id` (`binary` is e.g.
 /// `containerd-shim-husk-v2`): the server, not a `start`/`delete` run.
 pub fn shim_pid(binary: &str, id: &str) -> Option<u32> {
-    crate::host_processes().into_iter().find_map(|p| {
-        let is_binary = p.args.first().is_some_and(|a| a.ends_with(binary));
-        let serves = p.args.windows(2).any(|w| w[0] == "-id" && w[1] == id);
-        let bootstrap = p.args.iter().any(|a| a == "start" || a == "delete");
-        (is_binary && serves && !bootstrap).then_some(p.pid)
-    })
+    shim_pids(binary, id).into_iter().next()
+}
+
+/// Every process [`shim_pid`] could mean, of any containerd.
+fn shim_pids(binary: &str, id: &str) -> Vec<u32> {
+    crate::host_processes()
+        .into_iter()
+        .filter_map(|p| {
+            let is_binary = p.args.first().is_some_and(|a| a.ends_with(binary));
+            let serves = p.args.windows(2).any(|w| w[0] == "-id" && w[1] == id);
+            let bootstrap = p.args.iter().any(|a| a == "start" || a == "delete");
+            (is_binary && serves && !bootstrap).then_some(p.pid)
+        })
+        .collect()
 }
 
 impl Drop for Containerd {

@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use husk_tests::containerd::{shim_pid, Containerd, ContainerdOptions, HUSK_RUNTIME, TEST_IMAGE};
+use husk_tests::containerd::{Containerd, ContainerdOptions, HUSK_RUNTIME, TEST_IMAGE};
 use serde_json::json;
 
 use crate::{median, summary};
@@ -77,7 +77,8 @@ fn idle_container_memory(
         {
             // Let the guest settle after boot before measuring.
             std::thread::sleep(Duration::from_secs(5));
-            break shim_pid(binary, id)
+            break c
+                .shim_serving(binary, id)
                 .and_then(|pid| pss(pid, 64 << 20))
                 .ok_or_else(|| format!("cannot find or read the {binary} serving {id}"));
         }
@@ -223,7 +224,10 @@ fn pods_pss(c: &Containerd, n: usize) -> Result<(f64, f64), String> {
     let mut total = (0u64, 0u64);
     let mut problem = None;
     for id in &ids {
-        match shim_pid("containerd-shim-husk-v2", id).and_then(|pid| pss(pid, 64 << 20)) {
+        match c
+            .shim_serving("containerd-shim-husk-v2", id)
+            .and_then(|pid| pss(pid, 64 << 20))
+        {
             Some((all, guest)) => total = (total.0 + all, total.1 + guest),
             None => problem = Some(format!("cannot read the shim of {id}")),
         }
