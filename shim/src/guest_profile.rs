@@ -21,7 +21,7 @@ pub fn requested(id: &str) -> Option<PathBuf> {
     Some(Path::new(&dir).join(format!("{id}.samples")))
 }
 
-/// Samples `vm` into `out` until the VM is dropped.
+/// Samples `vm` into `out` until the VM is stopped or dropped.
 pub fn start(vm: Weak<KvmVm>, out: PathBuf) {
     let spawned = std::thread::Builder::new()
         .name("husk-profile".into())
@@ -31,7 +31,7 @@ pub fn start(vm: Weak<KvmVm>, out: PathBuf) {
                 let mut file = std::io::BufWriter::new(file);
                 profile::record(&mut file, || {
                     vm.upgrade()
-                        .map(|vm| vm.profile_sample(profile::SAMPLE_TIMEOUT))
+                        .and_then(|vm| vm.profile_sample(profile::SAMPLE_TIMEOUT))
                 })
             });
             if let Err(e) = recorded {

@@ -50,11 +50,8 @@ impl KvmVm {
     pub fn profile_sample(
         &self,
         timeout: std::time::Duration,
-    ) -> Vec<husk_hypervisor::profile::ProfileSample> {
-        lock(&self.vm)
-            .as_ref()
-            .map(|vm| vm.profile_sample(timeout))
-            .unwrap_or_default()
+    ) -> Option<Vec<husk_hypervisor::profile::ProfileSample>> {
+        lock(&self.vm).as_ref().map(|vm| vm.profile_sample(timeout))
     }
 }
 
