@@ -1,7 +1,8 @@
 //! ACPI tables for a hardware-reduced platform: RSDP, XSDT, FADT, MADT and a
-//! DSDT that describes COM1, every virtio-mmio device and the \_S5 sleep
-//! state (so a guest poweroff reaches the VMM through the sleep control
-//! register). Built with the `acpi_tables` crate.
+//! DSDT that describes COM1, every virtio-mmio device, the VM generation ID
+//! (with the generic event device that announces a new one) and the \_S5
+//! sleep state (so a guest poweroff reaches the VMM through the sleep
+//! control register). Built with the `acpi_tables` crate.
 //!
 //! Hardware-reduced ACPI drops the legacy PIC: an interrupt line is only
 //! mapped for devices the DSDT describes, so every device with an interrupt
@@ -109,9 +110,53 @@ fn dsdt_body(devices: &[MmioDeviceAcpi]) -> Vec<u8> {
         device.to_aml_bytes(&mut body);
     }
 
+    vmgenid_aml(&mut body);
+
     let s5 = aml::Package::new(vec![&S5_SLEEP_TYPE, &S5_SLEEP_TYPE, &aml::ZERO, &aml::ZERO]);
     aml::Name::new("_S5_".into(), &s5).to_aml_bytes(&mut body);
     body
+}
+
+#[allow(clippy::cast_possible_truncation)]
+const VMGENID_ADDRESS_LOW: u32 = {
+    assert!(VMGENID_START <= u32::MAX as u64 && VMGENID_START % 8 == 0);
+    VMGENID_START as u32
+};
+#[allow(clippy::cast_possible_truncation)]
+const GED_GSI_BYTE: u8 = {
+    assert!(GED_GSI <= u8::MAX as u32);
+    GED_GSI as u8
+};
+
+/// `\_SB_.VGEN`, the VM generation ID device Linux's vmgenid driver binds
+/// to (its ADDR names where the 16-byte ID is), and `\_SB_.GED_`, a generic
+/// event device whose interrupt makes the guest re-read it: its `_EVT`
+/// notifies VGEN (0x80), and the driver reseeds the guest's RNG when the ID
+/// changed (see crate::vmgenid).
+fn vmgenid_aml(body: &mut Vec<u8>) {
+    let addr = aml::Package::new(vec![&VMGENID_ADDRESS_LOW, &aml::ZERO]);
+    let vgen_fields = [
+        aml::Name::new("_HID".into(), &"VMGENCTR"),
+        aml::Name::new("_CID".into(), &"VM_Gen_Counter"),
+        aml::Name::new("_DDN".into(), &"VM_Gen_Counter"),
+        aml::Name::new("ADDR".into(), &addr),
+    ];
+    aml::Device::new(
+        "_SB_.VGEN".into(),
+        vgen_fields.iter().map(|f| f as &dyn Aml).collect(),
+    )
+    .to_aml_bytes(body);
+
+    let ged_irq = aml::Interrupt::new(true, true, false, false, GED_GSI);
+    let ged_crs = aml::ResourceTemplate::new(vec![&ged_irq]);
+    let vgen = aml::Path::new("\\_SB_.VGEN");
+    let notify = aml::Notify::new(&vgen, &0x80u8);
+    let is_ged_gsi = aml::Equal::new(&aml::Arg(0), &GED_GSI_BYTE);
+    let on_ged_gsi = aml::If::new(&is_ged_gsi, vec![&notify]);
+    let evt = aml::Method::new("_EVT".into(), 1, true, vec![&on_ged_gsi]);
+    let ged_hid = aml::Name::new("_HID".into(), &"ACPI0013");
+    let ged_crs = aml::Name::new("_CRS".into(), &ged_crs);
+    aml::Device::new("_SB_.GED_".into(), vec![&ged_hid, &ged_crs, &evt]).to_aml_bytes(body);
 }
 
 fn io_register(port: u16) -> GAS {
@@ -156,7 +201,7 @@ pub fn write_tables(
     let madt_addr = align(fadt_addr + acpi_tables::fadt::FADT::len() as u64);
     let dsdt_addr = align(madt_addr + madt.len() as u64);
     let end = dsdt_addr + dsdt.len() as u64;
-    if end > ACPI_END {
+    if end > VMGENID_START {
         return Err(AcpiError::TooBig(end - ACPI_START));
     }
 
@@ -247,5 +292,6 @@ mod tests {
         let text = String::from_utf8_lossy(&dsdt);
         assert!(text.contains("LNRO0005") && text.contains("_S5_") && text.contains("COM1"));
         assert!(text.contains("V000") && text.contains("V001"));
+        assert!(text.contains("VMGENCTR") && text.contains("ACPI0013") && text.contains("_EVT"));
     }
 }

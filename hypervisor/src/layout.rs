@@ -6,6 +6,7 @@
 //! 0x0000_9000  identity page tables           (boot only; PML4, PDPT, PD)
 //! 0x0002_0000  kernel command line
 //! 0x000e_0000  ACPI tables (RSDP first)       reserved, not RAM in e820
+//! 0x000f_f000  VM generation ID (16 bytes)    reserved, inside the ACPI area
 //! 0x0010_0000  RAM (kernel loads at 16 MiB), initrd at the top of low RAM
 //! 0xc000_0000  MMIO gap: virtio-mmio devices from 0xd000_0000, IOAPIC, LAPIC
 //! 0x1_0000_0000 RAM above 4 GiB, when the guest has more than 3 GiB
@@ -30,6 +31,10 @@ pub const EBDA_START: u64 = 0x9fc00;
 /// ACPI tables live in the BIOS area, which the e820 map leaves out of RAM.
 pub const ACPI_START: u64 = 0xe0000;
 pub const ACPI_END: u64 = 0x100000;
+/// The 16-byte VM generation ID the DSDT's VGEN device points the guest at
+/// (8-byte aligned, as the spec asks); the tables end below it.
+pub const VMGENID_START: u64 = 0xff000;
+pub const VMGENID_LEN: usize = 16;
 /// First byte of RAM above the legacy hole.
 pub const HIMEM_START: u64 = 0x100000;
 
@@ -47,10 +52,13 @@ pub const LAPIC_START: u64 = 0xfee0_0000;
 pub const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 
 /// GSIs handed to devices. 0-15 stay clear of legacy lines we describe
-/// (COM1 uses 4); virtio devices get 5.. up to the IOAPIC's 24 pins.
+/// (COM1 uses 4); virtio devices get 5..=22; the IOAPIC's last pin (23) is
+/// the generic event device's, which tells the guest its generation ID
+/// changed.
 pub const SERIAL_GSI: u32 = 4;
 pub const FIRST_DEVICE_GSI: u32 = 5;
-pub const LAST_DEVICE_GSI: u32 = 23;
+pub const LAST_DEVICE_GSI: u32 = 22;
+pub const GED_GSI: u32 = 23;
 
 /// I/O ports.
 pub const COM1_PORT: u16 = 0x3f8;

@@ -25,6 +25,7 @@ pub mod seccomp;
 pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
+pub mod vmgenid;
 
 pub use activity::GuestActivity;
 pub use devices::legacy::serial::ConsoleOutput;

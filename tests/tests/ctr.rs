@@ -137,14 +137,19 @@ fn one_shot_run_output_stdin_and_exit_code(c: &Containerd, id: &str) {
 /// Two tasks whose guests were restored from one template (the suite's:
 /// `template_dir`) are each their own: different random UUIDs, boot ids
 /// and getrandom bytes, and the host's wall clock (within a second), not
-/// the template's. Then the template is damaged, and a one-shot task boots
-/// its guest instead (the cold path, see
+/// the template's; and each guest kernel reseeded its RNG on its new VM
+/// generation ID (checked where the CPU has RDRAND: there the template's
+/// RNG was ready when saved, so the kernel logs the reseed). Then the
+/// template is damaged, and a one-shot task boots its guest instead (the
+/// cold path, see
 /// [`one_shot_run_output_stdin_and_exit_code`]).
 #[test]
 fn restored_guests_are_each_their_own() {
     let c = ctrd();
     let script = "cat /proc/sys/kernel/random/uuid /proc/sys/kernel/random/boot_id; \
-                  head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s";
+                  head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s; \
+                  grep -q -w rdrand /proc/cpuinfo && echo rdrand || echo no-rdrand; \
+                  dmesg | grep -c 'crng reseeded due to virtual machine fork' || true";
     let mut seen = Vec::new();
     for id in ["clone1", "clone2"] {
         let before = std::time::SystemTime::now()
@@ -159,12 +164,20 @@ fn restored_guests_are_each_their_own() {
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         assert!(out.status.success(), "{text}\n{}", c.diagnostics());
         let lines: Vec<String> = text.lines().map(str::to_string).collect();
-        assert_eq!(lines.len(), 4, "{text}");
+        assert_eq!(lines.len(), 6, "{text}");
         let guest_time: u64 = lines[3].parse().unwrap();
         assert!(
             before.saturating_sub(1) <= guest_time && guest_time <= after + 1,
             "the guest's clock {guest_time} is not the host's ({before}..{after})"
         );
+        if lines[4] == "rdrand" {
+            assert_eq!(
+                lines[5],
+                "1",
+                "restored guest {id} did not reseed on its new VM generation ID\n{}",
+                c.diagnostics()
+            );
+        }
         seen.push(lines);
     }
     for (what, i) in [("random uuid", 0), ("boot id", 1), ("getrandom bytes", 2)] {

@@ -14,8 +14,14 @@ use super::VmError;
 
 /// Kernel arguments every husk guest gets. `quiet` because every console
 /// byte is a port I/O exit; `panic=-1` so a guest panic ends the VM at once;
-/// `pci=off` because all devices are virtio-mmio (PCI is built in for ACPI).
-pub const BASE_CMDLINE: &str = "console=ttyS0 panic=-1 quiet pci=off";
+/// `pci=off` because all devices are virtio-mmio (PCI is built in for ACPI);
+/// `random.trust_cpu=on` credits the CPU's RDRAND/RDSEED (as distribution
+/// kernels do, CONFIG_RANDOM_TRUST_CPU), so the guest's RNG is ready at
+/// boot: a template's RNG is then ready when it is saved, and the new VM
+/// generation ID of each restore reseeds it at once (crate::vmgenid; an RNG
+/// not yet ready only mixes the ID in). Without RDRAND it changes nothing,
+/// and the host entropy CreateSandbox carries still seeds the guest.
+pub const BASE_CMDLINE: &str = "console=ttyS0 panic=-1 quiet pci=off random.trust_cpu=on";
 
 /// The full guest kernel command line for a host profile.
 pub fn guest_cmdline(profile: HostProfile, extra: &str) -> String {

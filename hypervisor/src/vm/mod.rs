@@ -59,6 +59,8 @@ pub enum VmError {
     #[error(transparent)]
     Acpi(#[from] acpi::AcpiError),
     #[error(transparent)]
+    VmGenId(#[from] crate::vmgenid::VmGenIdError),
+    #[error(transparent)]
     Cpuid(#[from] cpuid::CpuidError),
     #[error(transparent)]
     Devices(#[from] crate::device_manager::DeviceManagerError),
@@ -196,6 +198,7 @@ impl Vm {
     ) -> Result<Vm, VmError> {
         let machine = Machine::assemble(config, &mem, None)?;
         acpi::write_tables(&mem, config.vcpus, machine.devices.acpi_devices())?;
+        crate::vmgenid::write_new_id(&mem)?;
         let image = loader
             .join()
             .map_err(|_| VmError::Config("the kernel loader thread panicked".into()))??;

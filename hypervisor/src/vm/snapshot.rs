@@ -154,7 +154,11 @@ impl Vm {
         // Last: a device started now may interrupt the guest at once, and
         // the vCPUs' local APICs must already hold their saved state.
         machine.devices.restore(&state.transports).map_err(fail)?;
+        // This guest is not the one saved: a new generation ID, announced
+        // once its vCPUs run (the guest then reseeds its RNG).
+        crate::vmgenid::write_new_id(&mem)?;
         let vm = machine.launch(config, profile, started, mem, fds)?;
+        crate::vmgenid::announce(&vm.vm_fd)?;
         tracing::info!(
             vcpus = config.vcpus,
             memory_mib = config.memory_mib,
