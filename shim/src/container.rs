@@ -247,7 +247,12 @@ impl Shim {
         let bundle = PathBuf::from(&req.bundle);
         let spec_json = spec::load(&bundle)?;
         let pod = spec::pod_info(&spec_json);
-        let guest = spec::for_guest(spec_json, id, pod.is_sandbox)?;
+        // The pod's sandbox container, when this is another of its pod's.
+        let sandbox_pid = (id != self.sandbox_id)
+            .then(|| self.container(&self.sandbox_id).ok())
+            .flatten()
+            .map(|sandbox| sandbox.init.pid());
+        let guest = spec::for_guest(spec_json, id, pod.is_sandbox, sandbox_pid)?;
         let stdio = Stdio {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),

@@ -8,8 +8,12 @@
 //!   in the guest as they are.
 //! - Namespaces given by path (`/var/run/netns/...`, `/proc/<pid>/ns/...`)
 //!   are host objects. A pod is one VM: the network, IPC and UTS namespaces
-//!   of the VM itself are the pod's, so those entries are dropped; any other
-//!   namespace keeps its type and loses its path.
+//!   of the VM itself are the pod's, so those entries are dropped. A pod's
+//!   shared PID namespace (`shareProcessNamespace`: CRI names the sandbox's
+//!   `/proc/<pid>/ns/pid`, with the pid this shim reported, which is the
+//!   sandbox container's pid in the guest) keeps its path, which names the
+//!   same namespace in the guest; any other namespace keeps its type and
+//!   loses its path.
 //! - Hooks run host binaries, AppArmor/SELinux labels name host policy,
 //!   `cgroupsPath` is a host cgroup: dropped (the agent places containers in
 //!   the guest's cgroup tree).
@@ -168,12 +172,16 @@ fn strip_host_security(process: &mut Value) {
 /// Rewrites `spec` for container `container_id` in the guest.
 /// `pod_sandbox`: the task is a pod's sandbox container, whose network, IPC
 /// and UTS namespaces are the VM's own (every container of the pod then
-/// shares them by using the VM's).
+/// shares them by using the VM's). `sandbox_pid`: the guest pid of the
+/// pod's sandbox container, when this is another container of its pod (a
+/// PID namespace path naming it is kept).
 pub fn for_guest(
     mut spec: Value,
     container_id: &str,
     pod_sandbox: bool,
+    sandbox_pid: Option<u32>,
 ) -> Result<GuestSpec, SpecError> {
+    let pod_pid_namespace = sandbox_pid.map(|pid| format!("/proc/{pid}/ns/pid"));
     let obj = spec
         .as_object_mut()
         .ok_or_else(|| SpecError::InvalidProcess("spec is not an object".into()))?;
@@ -232,8 +240,21 @@ pub fn for_guest(
                 kind != "network" && !((has_path || pod_sandbox) && matches!(kind, "ipc" | "uts"))
             });
             for ns in namespaces.iter_mut() {
-                if let Some(ns) = ns.as_object_mut() {
-                    ns.remove("path");
+                let Some(ns) = ns.as_object_mut() else {
+                    continue;
+                };
+                let is_pid = ns.get("type").and_then(Value::as_str) == Some("pid");
+                let path = ns.get("path").and_then(Value::as_str);
+                if is_pid && path.is_some() && path == pod_pid_namespace.as_deref() {
+                    continue;
+                }
+                if let Some(path) = ns.remove("path").filter(|p| p.as_str() != Some("")) {
+                    if is_pid {
+                        tracing::warn!(
+                            container_id,
+                            "PID namespace {path} is not this pod's sandbox: the container gets its own"
+                        );
+                    }
                 }
             }
         }
@@ -304,7 +325,7 @@ mod tests {
 
     #[test]
     fn rewrites_host_paths_for_the_guest() {
-        let guest = for_guest(cri_like_spec(), "c1", false).unwrap();
+        let guest = for_guest(cri_like_spec(), "c1", false, None).unwrap();
         let spec: Value = serde_json::from_slice(&guest.json).unwrap();
         assert_eq!(
             spec["root"],
@@ -341,6 +362,49 @@ mod tests {
         assert!(guest.terminal);
     }
 
+    /// `shareProcessNamespace`: CRI names the sandbox's PID namespace by the
+    /// pid the shim reported for it, a guest pid, so the path is kept; any
+    /// other PID namespace path names a host process and is dropped.
+    #[test]
+    fn only_the_pods_pid_namespace_is_joined_by_path() {
+        let pid_namespace = |spec: &Value| -> Value {
+            spec["linux"]["namespaces"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|n| n["type"] == "pid")
+                .unwrap()
+                .clone()
+        };
+        let mut spec = cri_like_spec();
+        spec["linux"]["namespaces"][0] = json!({"type": "pid", "path": "/proc/7/ns/pid"});
+        let shared: Value =
+            serde_json::from_slice(&for_guest(spec.clone(), "c1", false, Some(7)).unwrap().json)
+                .unwrap();
+        assert_eq!(
+            pid_namespace(&shared),
+            json!({"type": "pid", "path": "/proc/7/ns/pid"})
+        );
+        for sandbox_pid in [Some(8), None] {
+            let own: Value = serde_json::from_slice(
+                &for_guest(spec.clone(), "c1", false, sandbox_pid)
+                    .unwrap()
+                    .json,
+            )
+            .unwrap();
+            assert_eq!(
+                pid_namespace(&own),
+                json!({"type": "pid"}),
+                "{sandbox_pid:?}"
+            );
+        }
+        spec["linux"]["namespaces"][0] =
+            json!({"type": "pid", "path": "/proc/7/ns/pid/../../1/ns/pid"});
+        let sneaky: Value =
+            serde_json::from_slice(&for_guest(spec, "c1", false, Some(7)).unwrap().json).unwrap();
+        assert_eq!(pid_namespace(&sneaky), json!({"type": "pid"}));
+    }
+
     #[test]
     fn pod_sandbox_uses_the_vms_namespaces_and_sizes_the_vm() {
         let mut spec = cri_like_spec();
@@ -364,7 +428,7 @@ mod tests {
             }
         );
         let guest: Value =
-            serde_json::from_slice(&for_guest(spec, "pod", true).unwrap().json).unwrap();
+            serde_json::from_slice(&for_guest(spec, "pod", true, None).unwrap().json).unwrap();
         let kinds: Vec<_> = guest["linux"]["namespaces"]
             .as_array()
             .unwrap()

@@ -778,11 +778,45 @@ fn two_pods(cri: &Cri, server_pod: &Pod, client_pod: &Pod, handler: &str, clock:
             &["sh", "-c", "echo hello-from-server | nc -l -p 8080"],
         ),
     );
-    let client = cri.run_container(
-        client_pod,
-        &cri.container_config("client", &["sleep", "2147483647"]),
-    );
+    // The client shares its pod's PID namespace (kubelet's
+    // shareProcessNamespace: CRI names the sandbox's): it sees the sandbox
+    // container's process beside its own.
+    let mut client_config = cri.container_config("client", &["sleep", "2147483647"]);
+    if let Some(options) = client_config
+        .linux
+        .as_mut()
+        .and_then(|l| l.security_context.as_mut())
+        .and_then(|sc| sc.namespace_options.as_mut())
+    {
+        options.pid = k8s_cri::v1::NamespaceMode::Pod as i32;
+    }
+    let client = cri.run_container(client_pod, &client_config);
     clock.mark("a container in each pod");
+    let pid1_and_sleeps = cri.exec_ok(
+        &client,
+        &[
+            "sh",
+            "-c",
+            "tr '\\0' ' ' < /proc/1/cmdline; echo; grep -lx sleep /proc/[0-9]*/comm | wc -l",
+        ],
+    );
+    let mut lines = pid1_and_sleeps.lines();
+    assert_eq!(
+        lines.next().map(str::trim),
+        Some("sleep 2147483647"),
+        "PID 1 of a shared PID namespace is the sandbox's process: {pid1_and_sleeps}"
+    );
+    assert_eq!(
+        lines.next().map(str::trim),
+        Some("2"),
+        "the client sees the sandbox's sleep and its own: {pid1_and_sleeps}"
+    );
+    // The server's PID namespace is its own: its shell is PID 1.
+    let server_pid1 = cri.exec_ok(&server, &["sh", "-c", "tr '\\0' ' ' < /proc/1/cmdline"]);
+    assert!(
+        server_pid1.starts_with("sh -c echo hello-from-server"),
+        "PID 1 of a container's own PID namespace is its process: {server_pid1}"
+    );
 
     if handler == HUSK_HANDLER {
         let size = |id: &str| -> (u32, u64) {
