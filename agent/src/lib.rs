@@ -21,6 +21,7 @@ pub mod cgroup;
 pub mod clocks;
 pub mod container;
 pub mod error;
+pub mod exec_wait;
 pub mod host_sync;
 pub mod init;
 pub mod io_server;

@@ -31,6 +31,7 @@ use tokio::sync::oneshot;
 
 use crate::cgroup::{self, OomEvents};
 use crate::error::{chain, check_id, Error, Result};
+use crate::exec_wait;
 use crate::mounts;
 use crate::process::{Exit, Process};
 use crate::reaper::{ExitStatus, Reaper};
@@ -45,6 +46,9 @@ mod control;
 pub const CGROUP_PARENT: &str = "husk";
 /// How long RemoveContainer waits for a SIGKILLed init to be reaped.
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest Start waits for the container's process to exec its program
+/// (see crate::exec_wait); the start has succeeded either way.
+const EXEC_WAIT_BOUND: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Status {
@@ -522,6 +526,14 @@ impl Containers {
         blocking(move || lock(&lc).start())
             .await?
             .map_err(|e| lc_error(&format!("start container {id}"), &e))?;
+        if let Some(agent) = exec_wait::identity(std::path::Path::new("/proc/self/exe")) {
+            if !exec_wait::wait_for_exec(c.init.pid, agent, EXEC_WAIT_BOUND).await {
+                tracing::warn!(
+                    container = id,
+                    "the container's process has not exec'd its program after {EXEC_WAIT_BOUND:?}"
+                );
+            }
+        }
         if let Some(cost) = cost {
             cost.log(id, "start");
         }
