@@ -13,6 +13,7 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use nix::unistd::Pid;
@@ -24,6 +25,13 @@ const POLL: Duration = Duration::from_millis(1);
 /// resolved (the process is gone, or a zombie).
 pub fn identity(path: &Path) -> Option<(u64, u64)> {
     std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// The agent's own executable, which a container's process runs until it
+/// execs (read once: it does not change).
+pub fn agent_identity() -> Option<(u64, u64)> {
+    static AGENT: OnceLock<Option<(u64, u64)>> = OnceLock::new();
+    *AGENT.get_or_init(|| identity(Path::new("/proc/self/exe")))
 }
 
 /// Waits until `pid`'s executable is not `forked_from` (it exec'd, or it is

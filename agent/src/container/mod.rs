@@ -526,7 +526,7 @@ impl Containers {
         blocking(move || lock(&lc).start())
             .await?
             .map_err(|e| lc_error(&format!("start container {id}"), &e))?;
-        if let Some(agent) = exec_wait::identity(std::path::Path::new("/proc/self/exe")) {
+        if let Some(agent) = exec_wait::agent_identity() {
             if !exec_wait::wait_for_exec(c.init.pid, agent, EXEC_WAIT_BOUND).await {
                 tracing::warn!(
                     container = id,
