@@ -5,7 +5,8 @@
 //! - [`logging`]: `tracing` → bounded queue → host vsock port 1025
 //! - [`service`]: the agent protocol over ttrpc
 //! - [`container`]: containers via libcontainer; [`process`], [`spec`],
-//!   [`workload`], [`cgroup`] and [`mounts`] serve it
+//!   [`workload`], [`exec_seccomp`], [`exec_wait`], [`cgroup`] and [`mounts`]
+//!   serve it
 //! - [`stdio`], [`io_server`]: process stdio as vsock streams (port 1026)
 //! - [`sandbox`]: the pod (hostname, DNS files, storages, guest details)
 //! - [`network`]: interfaces and routes over netlink
@@ -21,6 +22,7 @@ pub mod cgroup;
 pub mod clocks;
 pub mod container;
 pub mod error;
+pub mod exec_seccomp;
 pub mod exec_wait;
 pub mod host_sync;
 pub mod init;

@@ -49,6 +49,37 @@ const SECURITY_PROBE_SH: &str = "id -u; id -g; \
 /// reading /dev/zero would take minutes.
 const OOM_AWK: &str = "BEGIN { s = \"x\"; while (1) s = s s }";
 
+/// `grep -E '^(Seccomp|Cap...):' /proc/self/status /proc/1/status` run by
+/// an exec'd process of a container under a seccomp profile: it has a
+/// filter (mode 2), as the container's own process (PID 1) has, and
+/// exactly that process's capabilities.
+fn assert_exec_confined_like_init(lines: &[String]) {
+    let field = |file: &str, name: &str| -> String {
+        let prefix = format!("{file}:{name}:");
+        let found: Vec<&str> = lines
+            .iter()
+            .filter_map(|l| l.strip_prefix(&prefix))
+            .map(str::trim)
+            .collect();
+        assert_eq!(found.len(), 1, "{prefix} in {lines:?}");
+        found[0].to_string()
+    };
+    assert_eq!(field("/proc/self/status", "Seccomp"), "2", "{lines:?}");
+    assert_eq!(field("/proc/1/status", "Seccomp"), "2", "{lines:?}");
+    for cap in ["CapBnd", "CapEff", "CapPrm", "CapInh", "CapAmb"] {
+        assert_eq!(
+            field("/proc/self/status", cap),
+            field("/proc/1/status", cap),
+            "{cap}: {lines:?}"
+        );
+    }
+    assert_eq!(
+        u64::from_str_radix(&field("/proc/self/status", "CapEff"), 16).map(|c| c & (1 << 21)),
+        Ok(0),
+        "no CAP_SYS_ADMIN in the exec'd process: {lines:?}"
+    );
+}
+
 /// The kernel release containers of `handler` see.
 fn expected_kernel(handler: &str) -> String {
     if handler == HUSK_HANDLER {
@@ -292,19 +323,21 @@ fn contained(cri: &Cri, pod: &Pod, pod_cgroup: &PodCgroup, clock: &mut Clock) {
 
     // Guest root mounts the share: the top level, other containers' trees
     // and its own tree outside rootfs are read-only; its rootfs is not.
+    // And it manages the pod's network as on a runc node: makes a bridge.
     let escape = format!(
         "mkdir -p /mnt/share && mount -t virtiofs husk /mnt/share || exit 9; \
          for p in /mnt/share/planted /mnt/share/{hog}/planted /mnt/share/{hog}/rootfs-link; do \
            if ln -s / $p 2>/dev/null || touch $p 2>/dev/null; then echo CREATED $p; fi; \
          done; mkdir /mnt/share/newdir 2>/dev/null && echo CREATED newdir; \
-         echo inside > /mnt/share/{hog}/rootfs/inside && cat /inside && echo rootfs-ok"
+         echo inside > /mnt/share/{hog}/rootfs/inside && cat /inside && echo rootfs-ok; \
+         brctl addbr husk-br0 && brctl delbr husk-br0 && echo bridge-ok"
     );
     let r = cri.exec_sync(&hog, &["sh", "-c", &escape]);
     let out = String::from_utf8_lossy(&r.stdout);
     assert_eq!(
         (r.exit_code, out.as_ref()),
-        (0, "inside\nrootfs-ok\n"),
-        "guest root wrote outside its rootfs through the share: stderr {}",
+        (0, "inside\nrootfs-ok\nbridge-ok\n"),
+        "guest root wrote outside its rootfs through the share, or could not make a bridge: stderr {}",
         String::from_utf8_lossy(&r.stderr)
     );
     clock.mark("the share from guest root");
@@ -435,19 +468,32 @@ fn pod_lifecycle(cri: &Cri, pod: &Pod, handler: &str, clock: &mut Clock) {
     let c1 = cri.run_container(pod, &c1_config);
     clock.mark("first container created and started");
     // c2 echoes its stdin (for attach); as PID 1 without a handler it
-    // ignores SIGTERM.
+    // ignores SIGTERM. It runs under the runtime's default seccomp profile
+    // without no_new_privs, with the default capabilities (no SYS_ADMIN):
+    // what is exec'd into it must get the same filter and capabilities.
     let mut c2_config = cri.container_config("c2", &["cat"]);
     c2_config.stdin = true;
+    if let Some(sc) = c2_config
+        .linux
+        .as_mut()
+        .and_then(|l| l.security_context.as_mut())
+    {
+        sc.seccomp = Some(k8s_cri::v1::SecurityProfile {
+            profile_type: k8s_cri::v1::security_profile::ProfileType::RuntimeDefault as i32,
+            localhost_ref: String::new(),
+        });
+    }
     c2_config.mounts = vec![mount(&shared, "/data", false)];
     let c2 = cri.run_container(pod, &c2_config);
     clock.mark("second container created and started");
 
     // Both containers run on the same kernel: for husk the pod's VM (its own
     // kernel release and boot id), shared by the two.
-    let probe = [
+    let probe2 = [
         "sh",
         "-c",
-        "uname -r; cat /proc/sys/kernel/random/boot_id; hostname",
+        "uname -r; cat /proc/sys/kernel/random/boot_id; hostname; \
+         grep -E '^(Seccomp|CapBnd|CapEff|CapPrm|CapInh|CapAmb):' /proc/self/status /proc/1/status",
     ];
     // c1 also shows the pod's sysctl, that /proc/sys is read-only to it,
     // and the pod's DNS config.
@@ -465,7 +511,11 @@ fn pod_lifecycle(cri: &Cri, pod: &Pod, handler: &str, clock: &mut Clock) {
         .lines()
         .map(String::from)
         .collect();
-    let seen2: Vec<String> = cri.exec_ok(&c2, &probe).lines().map(String::from).collect();
+    let seen2: Vec<String> = cri
+        .exec_ok(&c2, &probe2)
+        .lines()
+        .map(String::from)
+        .collect();
     assert!(seen1.len() > 5, "{seen1:?}");
     assert_eq!(seen1[3], "1", "the pod's sysctl kernel.shm_rmid_forced");
     assert_eq!(seen1[4], "proc-sys-read-only");
@@ -501,7 +551,10 @@ fn pod_lifecycle(cri: &Cri, pod: &Pod, handler: &str, clock: &mut Clock) {
         Some("lifecycle"),
         "c2's hostname"
     );
-    clock.mark("kernel, boot id, hostname, sysctl, read-only /proc/sys, DNS (2 ExecSync)");
+    assert_exec_confined_like_init(&seen2[3..]);
+    clock.mark(
+        "kernel, boot id, hostname, sysctl, read-only /proc/sys, DNS, exec's seccomp (2 ExecSync)",
+    );
 
     // Volumes, in one exec per container (each guest fork is slow on
     // nested hosts): the read-write volume is shared by both containers and

@@ -23,6 +23,7 @@ use husk_protocol::agent::{CreateContainerRequest, ExecProcessRequest, Stdio};
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::Container as LcContainer;
 use libcontainer::error::LibcontainerError;
+use libcontainer::oci_spec::runtime::LinuxSeccomp;
 use libcontainer::syscall::syscall::SyscallType;
 use nix::sys::resource::{getrusage, Usage, UsageWho};
 use nix::sys::signal::Signal;
@@ -31,6 +32,7 @@ use tokio::sync::oneshot;
 
 use crate::cgroup::{self, OomEvents};
 use crate::error::{chain, check_id, Error, Result};
+use crate::exec_seccomp;
 use crate::exec_wait;
 use crate::mounts;
 use crate::process::{Exit, Process};
@@ -103,6 +105,8 @@ pub struct Container {
     pub init: Arc<Process>,
     execs: Mutex<HashMap<String, Slot<Process>>>,
     storages: Vec<PathBuf>,
+    /// The spec's filter, for exec'd processes ([`crate::exec_seccomp`]).
+    seccomp: Option<LinuxSeccomp>,
     oom_watch: tokio::task::JoinHandle<()>,
 }
 
@@ -421,6 +425,11 @@ impl Containers {
         // The VM's namespaces are the pod's: its sysctls are set there.
         crate::sysctl::apply(std::path::Path::new("/proc/sys"), &prepared.vm_sysctls)
             .map_err(|e| Error::InvalidArgument(format!("container {id}: {e}")))?;
+        let seccomp = prepared
+            .spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.seccomp().clone());
         let bundle = self.layout.bundle(&id);
         let json = serde_json::to_vec(&prepared.spec)
             .map_err(|e| Error::Internal(format!("serialize spec: {e}")))?;
@@ -439,7 +448,7 @@ impl Containers {
                 let builder = ContainerBuilder::new(lc_id.clone(), SyscallType::default())
                     .with_root_path(&state_root)
                     .map_err(|e| lc_error(&format!("container {lc_id}"), &e))?
-                    .with_executor(HuskExecutor);
+                    .with_executor(HuskExecutor::default());
                 let container = with_stdio(builder, child)
                     .as_init(&lc_bundle)
                     .with_systemd(false)
@@ -509,6 +518,7 @@ impl Containers {
             init,
             execs: Mutex::new(HashMap::new()),
             storages: mounted.disarm(),
+            seccomp,
             oom_watch,
         }))
     }
@@ -581,7 +591,12 @@ impl Containers {
     async fn exec_reserved(&self, c: &Container, req: &ExecProcessRequest) -> Result<Arc<Process>> {
         let (cid, eid) = (req.container_id.clone(), req.exec_id.clone());
         let requested = requested(req.stdio.as_ref());
-        let prepared = spec::exec_process(&cid, &eid, &req.process_json, &c.rootfs)?;
+        let mut prepared = spec::exec_process(&cid, &eid, &req.process_json, &c.rootfs)?;
+        let exec_seccomp = exec_seccomp::prepare(
+            &mut prepared.process,
+            c.seccomp.as_ref(),
+            &format!("exec {eid} in container {cid}"),
+        )?;
         if prepared.terminal != requested.terminal {
             return Err(Error::InvalidArgument(format!(
                 "exec {eid} in container {cid}: process.terminal is {} but stdio.terminal is {}",
@@ -606,7 +621,7 @@ impl Containers {
                 let builder = ContainerBuilder::new(lc_cid.clone(), SyscallType::default())
                     .with_root_path(&state_root)
                     .map_err(|e| lc_error(&what, &e))?
-                    .with_executor(HuskExecutor);
+                    .with_executor(HuskExecutor { exec_seccomp });
                 with_stdio(builder, child)
                     .as_tenant()
                     .with_process(Some(&file))
