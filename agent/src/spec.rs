@@ -112,6 +112,13 @@ pub fn exec_process(
 fn prepare_process(mut process: Process, rootfs: &Path) -> (Process, Option<i32>, bool) {
     let oom_score_adj = process.oom_score_adj();
     process.set_oom_score_adj(None);
+    // An explicit `false` means what an absent one does (runc reads a
+    // bool), but libcontainer takes any present value to mean "load the
+    // seccomp filter after dropping capabilities", where the load fails
+    // without CAP_SYS_ADMIN.
+    if process.no_new_privileges() == Some(false) {
+        process.set_no_new_privileges(None);
+    }
     let terminal = process.terminal().unwrap_or(false);
     let mut env = process.env().clone().unwrap_or_default();
     let has_home = env
@@ -196,11 +203,27 @@ mod tests {
     }
 
     #[test]
+    fn no_new_privileges_false_is_as_if_absent() {
+        let rootfs = rootfs();
+        let process = |nnp: &str| {
+            let json = format!(r#"{{"args":["id"],"cwd":"/","user":{{"uid":0,"gid":0}}{nnp}}}"#);
+            exec_process("c1", "e1", json.as_bytes(), rootfs.path())
+                .unwrap()
+                .process
+                .no_new_privileges()
+        };
+        assert_eq!(process(r#","noNewPrivileges":false"#), None);
+        assert_eq!(process(""), None);
+        assert_eq!(process(r#","noNewPrivileges":true"#), Some(true));
+    }
+
+    #[test]
     fn explicit_home_is_kept_and_bad_json_is_named() {
         let rootfs = rootfs();
         let json = br#"{"args":["id"],"cwd":"/","user":{"uid":0,"gid":0},"env":["HOME=/x"]}"#;
         let e = exec_process("c1", "e1", json, rootfs.path()).unwrap();
         assert_eq!(e.process.env().clone().unwrap(), ["HOME=/x"]);
+        assert_eq!(e.process.no_new_privileges(), None);
 
         let err = exec_process("c1", "e1", b"{not json", rootfs.path())
             .err()
