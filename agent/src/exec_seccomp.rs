@@ -127,6 +127,17 @@ mod tests {
             .unwrap()
     }
 
+    /// `prepare` for a container whose filter denies sethostname.
+    fn filtered(process: &mut Process) -> ExecSeccomp {
+        prepare(
+            process,
+            Some(&seccomp(LinuxSeccompAction::ScmpActErrno)),
+            "exec e1",
+        )
+        .unwrap()
+        .unwrap()
+    }
+
     fn set(caps: &[Capability]) -> Capabilities {
         caps.iter().copied().collect()
     }
@@ -152,13 +163,7 @@ mod tests {
             .capabilities(own.clone())
             .build()
             .unwrap();
-        let filter = prepare(
-            &mut process,
-            Some(&seccomp(LinuxSeccompAction::ScmpActErrno)),
-            "exec e1",
-        )
-        .unwrap()
-        .unwrap();
+        let filter = filtered(&mut process);
         assert_eq!(filter.capabilities.as_ref(), Some(&own));
         let given = process.capabilities().clone().unwrap();
         assert_eq!(
@@ -188,12 +193,7 @@ mod tests {
         own.set_effective(None);
         own.set_permitted(None);
         let mut process = ProcessBuilder::default().capabilities(own).build().unwrap();
-        prepare(
-            &mut process,
-            Some(&seccomp(LinuxSeccompAction::ScmpActErrno)),
-            "exec e1",
-        )
-        .unwrap();
+        filtered(&mut process);
         let given = process.capabilities().clone().unwrap();
         assert_eq!(given.bounding().clone().unwrap(), set(&FOR_THE_LOAD));
         assert_eq!(given.effective(), &None);
@@ -204,13 +204,7 @@ mod tests {
     fn a_process_without_capabilities_is_left_so() {
         let mut process = ProcessBuilder::default().build().unwrap();
         process.set_capabilities(None);
-        let filter = prepare(
-            &mut process,
-            Some(&seccomp(LinuxSeccompAction::ScmpActErrno)),
-            "exec e1",
-        )
-        .unwrap()
-        .unwrap();
+        let filter = filtered(&mut process);
         assert!(filter.capabilities.is_none());
         assert!(process.capabilities().is_none());
     }
