@@ -10,6 +10,13 @@
 //!   come out of the shim process's descriptor table.
 //! - Sizes the guest names that `PassthroughFs` would allocate up front
 //!   (getxattr/listxattr/readdir buffers) are clamped to what Linux can use.
+//! - With close-to-open caching, an open keeps the guest's cached pages of a
+//!   file (FOPEN_KEEP_CACHE) when the host file is as it was at the guest's
+//!   previous open of it (size, mtime and ctime to the nanosecond), and drops
+//!   them otherwise: the check NFS makes at open, done here because the
+//!   host, not the guest, sees the file change. Without it every open
+//!   throws away what the guest read, and every exec of a binary reads it
+//!   from the host again.
 //!
 //! Every method `PassthroughFs` implements is forwarded explicitly; the ones
 //! it does not implement keep the trait's default (ENOSYS), so a method this
@@ -45,6 +52,28 @@ struct Budget {
     inodes: HashMap<u64, u64>,
     /// Open file and directory handles.
     handles: HashSet<u64>,
+    /// The host file as the guest's last open of it saw it, per inode the
+    /// guest knows (dropped with the inode: bounded like `inodes`).
+    opened_as: HashMap<u64, FileVersion>,
+}
+
+/// What tells a changed host file from an unchanged one at open. ctime
+/// moves on every write and metadata change and cannot be set back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileVersion {
+    size: i64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileVersion {
+    fn of(st: &stat64) -> Self {
+        Self {
+            size: st.st_size,
+            mtime: (st.st_mtime, st.st_mtime_nsec),
+            ctime: (st.st_ctime, st.st_ctime_nsec),
+        }
+    }
 }
 
 impl Budget {
@@ -69,6 +98,8 @@ impl Budget {
             *n = n.saturating_sub(count);
             if *n == 0 {
                 self.inodes.remove(&inode);
+                // The guest drops an inode's cached pages with the inode.
+                self.opened_as.remove(&inode);
             }
         }
     }
@@ -79,6 +110,9 @@ pub struct GuardedFs<F> {
     inner: F,
     read_only: bool,
     max_fds: u64,
+    /// Keep cached pages of files unchanged since the guest's last open
+    /// (close-to-open caching; see the module docs).
+    keep_unchanged: bool,
     budget: Mutex<Budget>,
 }
 
@@ -86,11 +120,12 @@ impl<F> GuardedFs<F>
 where
     F: FileSystem<Inode = u64, Handle = u64>,
 {
-    pub fn new(inner: F, read_only: bool, max_fds: u64) -> Self {
+    pub fn new(inner: F, read_only: bool, max_fds: u64, keep_unchanged: bool) -> Self {
         Self {
             inner,
             read_only,
             max_fds,
+            keep_unchanged,
             budget: Mutex::new(Budget::default()),
         }
     }
@@ -134,6 +169,26 @@ where
         if let Some(h) = handle {
             self.budget().handles.insert(h);
         }
+    }
+
+    /// Whether the host file behind `inode` is as the guest's previous open
+    /// of it saw it; remembers how this open sees it. Anything unknown (a
+    /// first open, an inode the guest forgot, a failed stat) is a change.
+    fn unchanged_since_last_open(&self, ctx: &Context, inode: u64, handle: Option<u64>) -> bool {
+        let now = self
+            .inner
+            .getattr(ctx, inode, handle)
+            .ok()
+            .map(|(st, _)| FileVersion::of(&st));
+        let mut budget = self.budget();
+        if !budget.inodes.contains_key(&inode) {
+            return false;
+        }
+        let before = match now {
+            Some(version) => budget.opened_as.insert(inode, version),
+            None => budget.opened_as.remove(&inode).and(None),
+        };
+        now.is_some() && before == now
     }
 }
 
@@ -319,9 +374,12 @@ where
             }
         }
         self.reserve(1)?;
-        let opened = self.inner.open(ctx, inode, flags, fuse_flags)?;
-        self.handle(opened.0);
-        Ok(opened)
+        let (handle, mut options, passthrough) = self.inner.open(ctx, inode, flags, fuse_flags)?;
+        self.handle(handle);
+        if self.keep_unchanged && self.unchanged_since_last_open(ctx, inode, handle) {
+            options |= OpenOptions::KEEP_CACHE;
+        }
+        Ok((handle, options, passthrough))
     }
 
     fn create(

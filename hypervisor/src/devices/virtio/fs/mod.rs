@@ -150,7 +150,8 @@ pub enum CachePolicy {
     Never,
     /// No data caching; entries and attributes are cached (1 day).
     Metadata,
-    /// Close-to-open: cached data is revalidated at each open, entries and
+    /// Close-to-open: cached data is revalidated at each open (kept if the
+    /// host file is unchanged since the guest's last open), entries and
     /// attributes for 1 s. Coherent with host-side changes (kubelet updating
     /// a configmap volume, the shim mounting a rootfs) within a second.
     #[default]
@@ -325,7 +326,15 @@ fn build_fs(dir: &Path, options: &FsOptions) -> io::Result<SharedFs> {
     };
     let fs = PassthroughFs::<()>::new(cfg)?;
     let max_fds = options.max_host_fds.unwrap_or_else(default_fd_budget);
-    Ok(GuardedFs::new(fs, options.read_only, max_fds))
+    // Only close-to-open caching revalidates at open; `always` keeps every
+    // page anyway and `never`/`metadata` cache no data.
+    let keep_unchanged = options.cache == CachePolicy::Auto;
+    Ok(GuardedFs::new(
+        fs,
+        options.read_only,
+        max_fds,
+        keep_unchanged,
+    ))
 }
 
 /// Half the soft descriptor limit: the other half stays for the shim.

@@ -347,15 +347,27 @@ impl<'a> Guest<'a> {
     }
 
     fn open(&mut self, nodeid: u64, flags: i32) -> Result<u64, i32> {
+        self.open_out(nodeid, flags).map(|out| out.fh)
+    }
+
+    fn open_out(&mut self, nodeid: u64, flags: i32) -> Result<OpenOut, i32> {
         let body = OpenIn {
             flags: u32::from_ne_bytes(flags.to_ne_bytes()),
             fuse_flags: 0,
         };
         let r = self.call(Opcode::Open, nodeid, body.as_slice());
         match r.hdr.unwrap().error {
-            0 => Ok(obj::<OpenOut>(&r.data).fh),
+            0 => Ok(obj::<OpenOut>(&r.data)),
             e => Err(-e),
         }
+    }
+
+    /// Opens and releases `nodeid`: whether the open kept the guest's
+    /// cached pages (FOPEN_KEEP_CACHE).
+    fn open_keeps_cache(&mut self, nodeid: u64) -> bool {
+        let out = self.open_out(nodeid, libc::O_RDONLY).unwrap();
+        self.release(nodeid, out.fh);
+        out.open_flags & KEEP_CACHE != 0
     }
 
     fn opendir(&mut self, nodeid: u64) -> u64 {
@@ -628,6 +640,69 @@ fn serves_init_lookup_getattr_open_read_and_readdir() {
     assert!(first.entry_out.nodeid > 1);
     let hello = g.lookup(1, "hello.txt").unwrap();
     assert_eq!(hello.nodeid, e.nodeid, "same file, same node id");
+}
+
+/// FOPEN_KEEP_CACHE in OpenOut::open_flags.
+const KEEP_CACHE: u32 = 1 << 1;
+
+#[test]
+fn an_open_keeps_cached_pages_only_of_a_file_unchanged_since_the_last_open() {
+    let dir = populated("keep-cache");
+    let m = mem(MEM_SIZE);
+    let mut g = Guest::new(&m, Fs::new("husk", &dir, rw()).unwrap());
+    g.init();
+    let hello = g.lookup(1, "hello.txt").unwrap().nodeid;
+    assert!(
+        !g.open_keeps_cache(hello),
+        "a first open has nothing to keep"
+    );
+    assert!(g.open_keeps_cache(hello), "unchanged since the last open");
+    assert!(g.open_keeps_cache(hello));
+
+    // The host rewrites it with as many bytes: the times tell.
+    let path = dir.join("hello.txt");
+    std::fs::write(&path, b"HELLO FROM THE HOST\n").unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_modified(std::time::UNIX_EPOCH + Duration::from_secs(946_684_800))
+        .unwrap();
+    assert!(!g.open_keeps_cache(hello), "changed on the host");
+    let fh = g.open(hello, libc::O_RDONLY).unwrap();
+    assert_eq!(g.read(hello, fh, 0, 64).unwrap(), b"HELLO FROM THE HOST\n");
+    g.release(hello, fh);
+    assert!(g.open_keeps_cache(hello), "unchanged again");
+    std::fs::write(&path, b"longer than it was before\n").unwrap();
+    assert!(!g.open_keeps_cache(hello), "resized on the host");
+
+    // A forgotten inode's pages are gone from the guest: its next open
+    // (after a new lookup) is a first one.
+    let sub = g.lookup(1, "sub").unwrap().nodeid;
+    let inner = g.lookup(sub, "inner").unwrap().nodeid;
+    assert!(!g.open_keeps_cache(inner));
+    assert!(g.open_keeps_cache(inner));
+    g.forget(inner, 1);
+    let inner = g.lookup(sub, "inner").unwrap().nodeid;
+    assert!(
+        !g.open_keeps_cache(inner),
+        "forgotten, then looked up again"
+    );
+
+    // Only close-to-open caching revalidates: `never` keeps nothing,
+    // `always` keeps everything.
+    for (cache, kept) in [(CachePolicy::Never, false), (CachePolicy::Always, true)] {
+        let options = FsOptions {
+            cache,
+            ..FsOptions::default()
+        };
+        let mut g = Guest::new(&m, Fs::new("husk", &dir, options).unwrap());
+        g.init();
+        let hello = g.lookup(1, "hello.txt").unwrap().nodeid;
+        for _ in 0..2 {
+            assert_eq!(g.open_keeps_cache(hello), kept, "{cache:?}");
+        }
+    }
 }
 
 #[test]
