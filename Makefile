@@ -29,7 +29,7 @@ export HUSK_VMM := $(abspath $(VMM))
 export HUSK_SHIM_DIR := $(abspath $(dir $(SHIM)))
 export HUSK_GUEST_PROBE := $(abspath $(GUEST_PROBE))
 
-.PHONY: setup toolchain build guest guest-test kernel agent initrd vmm shim demo install installer-image test test-unit test-vm lint fmt bench bench-boot bench-start bench-density soak fuzz clean
+.PHONY: setup toolchain build guest guest-test kernel agent initrd probe vmm shim demo install installer-image test test-unit test-vm lint fmt bench bench-boot bench-start bench-density soak fuzz clean
 
 build: guest vmm shim
 
@@ -58,11 +58,15 @@ initrd: agent
 ## The guest image plus a busybox rootfs at /testdata/busybox in the
 ## initramfs, for the container tests in tests/tests/agent_vm.rs (until
 ## virtio-fs brings container rootfses in). initrd.cpio itself stays lean.
-guest-test: kernel agent | toolchain
-	$(AGENT_ENV) $(CARGO) build --profile agent --target $(HOST_TARGET) -p husk-guest-probe
+guest-test: kernel agent probe | toolchain
 	rm -rf $(TEST_EXTRA)
 	scripts/busybox-rootfs.sh $(TEST_EXTRA)/testdata/busybox
 	scripts/build-initrd.sh $(AGENT) $(TEST_INITRD) $(TEST_EXTRA)
+
+## The hostile-workload probe every test image carries at /bin/husk-probe
+## (the demo's and the benchmarks' images too).
+probe: | toolchain
+	$(AGENT_ENV) $(CARGO) build --profile agent --target $(HOST_TARGET) -p husk-guest-probe
 
 vmm: | toolchain
 	$(CARGO) build --release -p husk-vmm
@@ -74,7 +78,7 @@ shim: | toolchain
 ## Start a private containerd, import a small local image and run a container
 ## in a microVM with `ctr run --runtime io.containerd.husk.v2`.
 demo: setup
-	$(MAKE) build
+	$(MAKE) build probe
 	$(CARGO) build --release -p husk-tests --bin husk-demo
 	@echo "== running a container in a husk microVM"
 	target/release/husk-demo
@@ -166,11 +170,11 @@ SOAK_PODS ?= 10
 soak: guest guest-test vmm shim | toolchain
 	HUSK_SOAK_PODS=$(SOAK_PODS) $(CARGO) test -p husk-tests --test cri soak_pods -- --ignored --test-threads=1 --nocapture
 
-bench-start: build | toolchain
+bench-start: build probe | toolchain
 	$(CARGO) build --release -p husk-tests --bin husk-bench
 	target/release/husk-bench start --runs $${RUNS:-5} --out bench/results/start.json
 
 ## PSS per idle pod, N pods restored from one template (PODS=1,10).
-bench-density: build | toolchain
+bench-density: build probe | toolchain
 	$(CARGO) build --release -p husk-tests --bin husk-bench
 	target/release/husk-bench density --pods $${PODS:-1,10} --out bench/results/density.json
