@@ -68,10 +68,19 @@ impl HostProfile {
             // accounting from every tick and context switch (no
             // /proc/pressure in the guest); `highres=off` serves timers
             // from the tick instead of an interrupt each (timer resolution
-            // 10 ms).
+            // 10 ms). The guest runs ~1000x slower than its clock, so
+            // `husk.pvm_clock_stretch=16` (our second guest patch) makes the
+            // busy tick come every 160 ms, CFS slices 16x longer and the
+            // PELT clock 16x slower. The same profile put RCU's
+            // grace-period kthread at 7 %: forcing quiescent states every 16
+            // jiffies instead of every one scans less, and expedited grace
+            // periods (cheap with one vCPU) keep synchronize_rcu() from
+            // waiting out the stretched tick.
             HostProfile::NestedPvm => {
                 "noxsave clearcpuid=popcnt,smap husk.pvm_quirks \
-                 percpu_alloc=page psi=0 highres=off"
+                 husk.pvm_clock_stretch=16 percpu_alloc=page psi=0 highres=off \
+                 rcupdate.rcu_expedited=1 rcutree.jiffies_till_first_fqs=16 \
+                 rcutree.jiffies_till_next_fqs=16"
             }
         }
     }
@@ -156,7 +165,14 @@ mod tests {
         let args = HostProfile::NestedPvm.kernel_args();
         let words: Vec<&str> = args.split_whitespace().collect();
         assert_eq!(words.join(" "), args, "one space between arguments");
-        for arg in ["noxsave", "percpu_alloc=page", "psi=0", "highres=off"] {
+        for arg in [
+            "noxsave",
+            "husk.pvm_clock_stretch=16",
+            "percpu_alloc=page",
+            "psi=0",
+            "highres=off",
+            "rcupdate.rcu_expedited=1",
+        ] {
             assert!(words.contains(&arg), "{arg} missing from {args:?}");
         }
     }
