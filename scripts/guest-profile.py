@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Where a guest spent its time, from a profile the shim wrote with
-HUSK_GUEST_PROFILE=<dir> (one `<sandbox>.samples` file per sandbox).
+HUSK_GUEST_PROFILE=<dir> (one `<sandbox>.<shim pid>.samples` file per sandbox).
 
-    scripts/guest-profile.py build/guest/vmlinux DIR/ID.samples [FUNCTION...]
+    scripts/guest-profile.py build/guest/vmlinux DIR/ID.PID.samples [FUNCTION...]
 
 Prints three views of the samples:
   - by cause: the timer interrupt, a kernel worker, a system call (by name),

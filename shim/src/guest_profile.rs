@@ -1,5 +1,5 @@
 //! `HUSK_GUEST_PROFILE=<dir>`: a sampling profile of each sandbox's guest
-//! in `<dir>/<sandbox id>.samples` (see husk_hypervisor::profile), for
+//! in `<dir>/<sandbox id>.<shim pid>.samples` (see husk_hypervisor::profile), for
 //! finding where guest time goes. `scripts/guest-profile.py` reads it.
 //!
 //! A developer's switch, read from the shim's environment (containerd
@@ -18,7 +18,13 @@ pub const PROFILE_DIR_VAR: &str = "HUSK_GUEST_PROFILE";
 /// The profile file of sandbox `id`, if profiles were asked for.
 pub fn requested(id: &str) -> Option<PathBuf> {
     let dir = std::env::var_os(PROFILE_DIR_VAR)?;
-    Some(Path::new(&dir).join(format!("{id}.samples")))
+    Some(profile_path(Path::new(&dir), id, std::process::id()))
+}
+
+/// `<dir>/<id>.<shim pid>.samples`: the pid keeps two sandboxes of one id
+/// (two containerds, or an id reused) from overwriting each other's profile.
+fn profile_path(dir: &Path, id: &str, shim_pid: u32) -> PathBuf {
+    dir.join(format!("{id}.{shim_pid}.samples"))
 }
 
 /// Samples `vm` into `out` until the VM is stopped or dropped.
@@ -40,5 +46,23 @@ pub fn start(vm: Weak<KvmVm>, out: PathBuf) {
         });
     if let Err(e) = spawned {
         tracing::warn!("guest profile: no thread: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn profiles_of_one_sandbox_id_in_two_shims_do_not_collide() {
+        let dir = Path::new("/profiles");
+        assert_eq!(
+            profile_path(dir, "pod-1", 41),
+            Path::new("/profiles/pod-1.41.samples")
+        );
+        assert_ne!(
+            profile_path(dir, "pod-1", 41),
+            profile_path(dir, "pod-1", 42)
+        );
     }
 }
